@@ -1,0 +1,1 @@
+"""Zen protocol server: the book's chapter 7 as a production daemon."""

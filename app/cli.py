@@ -1,0 +1,109 @@
+"""Command line: argv -> subcommand.  No logic here; each command lives in its module.
+
+Subcommands: serve (the default), client, config, check, and the internal
+``worker`` that the master starts.  Imports are lazy so that ``client`` and
+``check`` start fast and never load the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from app import exits
+from app.config import ConfigError, Settings, load
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def _serve(_args: argparse.Namespace, settings: Settings) -> int:
+    from app.master import serve_master  # noqa: PLC0415
+
+    return serve_master(settings)
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from app.worker import serve_worker_process  # noqa: PLC0415
+
+    return serve_worker_process(settings, fd=args.fd, slot=args.slot, ready_fd=args.ready_fd, parent_pid=args.parent)
+
+
+def _config(_args: argparse.Namespace, settings: Settings) -> int:
+    from app.config import rows  # noqa: PLC0415
+
+    table = rows(settings)
+    width = max(len(name) for name, _, _ in table)
+    for name, value, source in table:
+        print(f"{name:<{width}}  {value!s:<16}  ({source})")
+    return exits.OK
+
+
+def _client(args: argparse.Namespace, settings: Settings) -> int:
+    from app.client import ZenClient, connect_host  # noqa: PLC0415
+
+    questions = [q.encode() for q in args.question] or [line.strip().encode() for line in sys.stdin if line.strip()]
+    host = args.host or connect_host(settings.host)
+    port = args.port or settings.port
+    try:
+        with ZenClient(host, port, timeout=args.timeout) as client:
+            for question in questions:
+                answer = client.ask(question)
+                print(answer.decode("utf-8", "backslashreplace"))
+    except (OSError, ValueError) as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return exits.OK
+
+
+def _check(args: argparse.Namespace, settings: Settings) -> int:
+    from app.client import check  # noqa: PLC0415
+
+    healthy, message = check(
+        args.host or settings.host, args.port or settings.port, timeout=args.timeout or settings.check_timeout
+    )
+    print(message, file=sys.stdout if healthy else sys.stderr)
+    return exits.OK if healthy else exits.UNHEALTHY
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m app``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Zen protocol server (one uvloop worker per core). Configured by environment variables: "
+        "see 'python -m app config'.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("serve", help="run the server in the foreground (the default)").set_defaults(func=_serve)
+    p = sub.add_parser("client", help="ask questions (arguments, or one per stdin line) and print the answers")
+    p.add_argument("question", nargs="*", help="e.g. 'Beautiful is better than?'")
+    p.add_argument("--host", help="server address (default: from HOST)")
+    p.add_argument("--port", type=int, help="server port (default: from PORT)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
+    p.set_defaults(func=_client)
+    sub.add_parser("config", help="print every setting, its effective value and its source").set_defaults(func=_config)
+    p = sub.add_parser("check", help="health probe: exit 0 on the right answer, 1 otherwise")
+    p.add_argument("--host", help="server address (default: from HOST; a wildcard means loopback)")
+    p.add_argument("--port", type=int, help="server port (default: from PORT)")
+    p.add_argument("--timeout", type=float, help="seconds (default: CHECK_TIMEOUT)")
+    p.set_defaults(func=_check)
+    p = sub.add_parser("worker")  # internal: started by the master; not listed in --help
+    for name in ("--fd", "--slot", "--ready-fd", "--parent"):
+        p.add_argument(name, type=int, required=True)
+    p.set_defaults(func=_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, load the settings, run the subcommand; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    func: Command = getattr(args, "func", _serve)
+    try:
+        settings = load()
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return exits.CONFIG
+    try:
+        return func(args, settings)
+    except KeyboardInterrupt:
+        return 130

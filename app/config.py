@@ -1,0 +1,215 @@
+"""Every setting of the server, declared once, read from the environment.
+
+Owns: the names, types, defaults, validation and one-line docs of every
+environment variable, and reading them (with a ``.env`` file in the working
+directory) into a frozen :class:`Settings`.  This is the only module that
+reads ``os.environ``; everything else receives ``Settings``.
+
+Never: binds sockets, configures logging or starts anything (the mistake of
+uvicorn's ``Config``).
+
+Error handling: every invalid variable is collected (environs with
+``eager=False`` and ``seal()``), so one run shows them all; :func:`load`
+raises :class:`ConfigError` and the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from environs import Env, EnvValidationError
+from marshmallow.validate import OneOf, Range
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS: Final = ("auto", "json", "console")
+PROXY_MODES: Final = ("off", "v1", "v2", "any")
+
+#: File descriptors a worker keeps for itself (listener, pipes, log, the
+#: interpreter's own) when ``MAX_CONNECTIONS`` is derived from RLIMIT_NOFILE.
+FD_RESERVE: Final = 64
+
+
+class ConfigError(Exception):
+    """One or more variables are invalid; ``str()`` names each one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One environment variable: how to parse it, its default and its doc."""
+
+    name: str
+    kind: str  # environs parser: "str", "int", "float", "list"
+    default: Any
+    doc: str
+    validate: Callable[[Any], Any] | None = None
+
+
+#: Timeouts must be strictly positive: 0 would close every connection at once.
+_positive: Final = Range(min=0, min_inclusive=False)
+
+
+SETTINGS: Final[tuple[Setting, ...]] = (
+    Setting("HOST", "str", "127.0.0.1", "address to listen on (0.0.0.0 for all IPv4 interfaces)"),
+    Setting("PORT", "int", 1060, "TCP port (the book's 1060; a PaaS sets it)", Range(0, 65535)),
+    Setting(
+        "WORKERS", "int", None, "worker processes (default: WEB_CONCURRENCY, else one per CPU core)", Range(1, 1024)
+    ),
+    Setting("WEB_CONCURRENCY", "int", None, "worker processes when WORKERS is unset (PaaS convention)", Range(1, 1024)),
+    Setting(
+        "BACKLOG", "int", 2048, "listen() backlog per worker socket (capped by net.core.somaxconn)", Range(1, 65535)
+    ),
+    Setting("LOG_LEVEL", "str", "info", "debug | info | warning | error | critical", OneOf(LOG_LEVELS)),
+    Setting(
+        "LOG_FORMAT", "str", "auto", "json | console | auto (console on a terminal, JSON otherwise)", OneOf(LOG_FORMATS)
+    ),
+    Setting(
+        "REQUEST_TIMEOUT", "float", 10.0, "seconds a started question has to complete (not reset per byte)", _positive
+    ),
+    Setting("IDLE_TIMEOUT", "float", 60.0, "seconds a connection may stay with no question started", _positive),
+    Setting("MAX_REQUEST_BYTES", "int", 1024, "longest question in bytes, counting the '?'", Range(1, 1 << 20)),
+    Setting(
+        "MAX_CONNECTIONS", "int", 0, "open connections per worker; 0 derives it from RLIMIT_NOFILE", Range(0, 1 << 20)
+    ),
+    Setting(
+        "MAX_UNSENT_BYTES",
+        "int",
+        65536,
+        "unsent answer bytes per connection before reading pauses",
+        Range(1024, 1 << 24),
+    ),
+    Setting(
+        "GRACEFUL_TIMEOUT",
+        "float",
+        25.0,
+        "seconds a graceful stop waits for connections (inside Heroku's 30)",
+        Range(0, 3600),
+    ),
+    Setting(
+        "DRAIN_QUIET",
+        "float",
+        1.0,
+        "during a stop, close a connection once quiet between questions this long",
+        Range(0, 60),
+    ),
+    Setting("CHECK_TIMEOUT", "float", 3.0, "seconds 'python -m app check' waits for the answer", _positive),
+)
+
+_BY_NAME: Final = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The effective configuration; build it with :func:`load`."""
+
+    host: str = "127.0.0.1"
+    port: int = 1060
+    workers: int = 1
+    backlog: int = 2048
+    log_level: str = "info"
+    log_format: str = "auto"
+    request_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_request_bytes: int = 1024
+    max_connections: int = 1024
+    max_unsent_bytes: int = 65536
+    graceful_timeout: float = 25.0
+    drain_quiet: float = 1.0
+    check_timeout: float = 3.0
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied (for tests and derived values)."""
+        return dataclasses.replace(self, **changes)
+
+
+def derived_max_connections(nofile_soft: int | None = None) -> int:
+    """Connections one worker can hold without EMFILE: RLIMIT_NOFILE less a reserve."""
+    if nofile_soft is None:
+        nofile_soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile_soft == resource.RLIM_INFINITY:
+        nofile_soft = 1 << 20
+    return max(1, min(nofile_soft, 1 << 20) - FD_RESERVE)
+
+
+def load(dotenv: Path | None = Path(".env")) -> Settings:
+    """Read every variable (environment first, then ``dotenv``) into :class:`Settings`.
+
+    Raises :class:`ConfigError` naming every invalid variable.
+    """
+    before = set(os.environ)
+    env = Env(eager=False)
+    if dotenv is not None and dotenv.is_file():
+        env.read_env(str(dotenv), recurse=False, override=False)
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        parse = getattr(env, s.kind)
+        values[s.name] = parse(s.name, s.default, validate=s.validate)
+    try:
+        env.seal()
+    except EnvValidationError as exc:
+        messages = exc.error_messages
+        raise ConfigError(_describe(messages if isinstance(messages, Mapping) else {"": messages})) from None
+    sources = {s.name: "env" if s.name in before else ".env" if s.name in os.environ else "default" for s in SETTINGS}
+    return _settings(values, sources)
+
+
+def _settings(values: dict[str, Any], sources: dict[str, str]) -> Settings:
+    workers = values["WORKERS"] or values["WEB_CONCURRENCY"] or os.cpu_count() or 1
+    if values["WORKERS"] is None:
+        sources["WORKERS"] = "WEB_CONCURRENCY" if values["WEB_CONCURRENCY"] else "derived (CPU cores)"
+    max_conn = values["MAX_CONNECTIONS"] or derived_max_connections()
+    if not values["MAX_CONNECTIONS"]:
+        sources["MAX_CONNECTIONS"] = "derived (RLIMIT_NOFILE)"
+    return Settings(
+        host=values["HOST"],
+        port=values["PORT"],
+        workers=workers,
+        backlog=values["BACKLOG"],
+        log_level=values["LOG_LEVEL"],
+        log_format=values["LOG_FORMAT"],
+        request_timeout=values["REQUEST_TIMEOUT"],
+        idle_timeout=values["IDLE_TIMEOUT"],
+        max_request_bytes=values["MAX_REQUEST_BYTES"],
+        max_connections=max_conn,
+        max_unsent_bytes=values["MAX_UNSENT_BYTES"],
+        graceful_timeout=values["GRACEFUL_TIMEOUT"],
+        drain_quiet=values["DRAIN_QUIET"],
+        check_timeout=values["CHECK_TIMEOUT"],
+        sources=sources,
+    )
+
+
+def _describe(errors: Mapping[str, Any]) -> str:
+    lines = []
+    for name in sorted(errors):
+        setting = _BY_NAME.get(name)
+        accepts = f" (accepts: {setting.doc})" if setting else ""
+        got = os.environ.get(name, "")
+        lines.append(f"invalid {name}={got!r}: {'; '.join(map(str, _flatten(errors[name])))}{accepts}")
+    return "\n".join(lines)
+
+
+def _flatten(messages: Any) -> list[Any]:
+    if isinstance(messages, dict):
+        return [m for v in messages.values() for m in _flatten(v)]
+    if isinstance(messages, list):
+        return [m for v in messages for m in _flatten(v)]
+    return [messages]
+
+
+def rows(settings: Settings) -> list[tuple[str, str, str]]:
+    """(variable, effective value, source) for every setting, for ``app config``."""
+    effective = {
+        "WEB_CONCURRENCY": settings.workers if settings.sources.get("WORKERS") == "WEB_CONCURRENCY" else None,
+    }
+    out = []
+    for s in SETTINGS:
+        value = effective.get(s.name, getattr(settings, s.name.lower(), None))
+        out.append((s.name, "" if value is None else str(value), settings.sources.get(s.name, "default")))
+    return out

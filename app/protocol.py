@@ -1,0 +1,153 @@
+"""Sans-I/O framing of the Zen protocol (PROTOCOL.md).
+
+Owns: turning received bytes into complete questions, the size limit,
+whitespace skipping before a question, pipelining and end of stream; and, on
+the client side, turning received bytes into complete answers.
+
+Never: touches a socket, a clock, a thread or an event loop.  Every server in
+the project (the production worker and every architecture in ``app.lab``)
+and every client feed bytes in and take questions or answers out, so one
+table of byte-level tests covers them all.  ``receive_data(b"")`` means end
+of stream, so a caller can pass ``recv()``'s result straight in.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+#: PROTOCOL.md rule 4: 1024 bytes, counting the ``?``.  Three times the
+#: longest aphorism is more than any honest client needs, and small enough
+#: that 10,000 half-sent questions cost at most 10 MiB.
+DEFAULT_MAX_QUESTION: Final = 1024
+
+_WHITESPACE: Final = frozenset(b" \t\r\n")
+_NOT_WHITESPACE: Final = re.compile(rb"[^ \t\r\n]")
+
+
+class QuestionReader:
+    """Bytes in, complete questions out, for one connection.
+
+    Feed with :meth:`receive_data`, then take questions with
+    :meth:`next_questions`, which hands out at most ``limit`` at a time so a
+    caller can stop answering while its peer is not reading (backpressure).
+
+    Error handling: a question longer than ``max_size`` sets
+    :attr:`too_long`; the questions complete before it are still handed out,
+    everything after it is dropped, and the caller answers ``TOO_LONG`` and
+    closes.  Resource handling: never buffers more than ``max_size`` bytes of
+    an unfinished question, plus the complete questions of the last
+    ``receive_data`` call that were not taken yet.
+    """
+
+    __slots__ = ("_buf", "_pos", "eof", "max_size", "too_long")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_QUESTION) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        self.max_size = max_size
+        self._buf = b""
+        self._pos = 0
+        self.eof = False
+        self.too_long = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; ``b""`` means the peer closed its side."""
+        if self.eof or self.too_long:
+            return
+        if not data:
+            self.eof = True
+        elif self._pos >= len(self._buf):
+            self._buf, self._pos = data, 0
+        else:
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+
+    def next_questions(self, limit: int = 1 << 30) -> list[bytes]:
+        """Return up to ``limit`` complete questions, in order, each with its ``?``."""
+        buf, pos, end, size = self._buf, self._pos, len(self._buf), self.max_size
+        out: list[bytes] = []
+        while pos < end and len(out) < limit:
+            if buf[pos] in _WHITESPACE:
+                match = _NOT_WHITESPACE.search(buf, pos)
+                if match is None:
+                    pos = end
+                    break
+                pos = match.start()
+            mark = buf.find(b"?", pos, pos + size)
+            if mark < 0:
+                if end - pos >= size:
+                    self.too_long = True
+                    pos = end
+                break
+            out.append(buf[pos : mark + 1])
+            pos = mark + 1
+        if pos >= end:
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = pos
+        return out
+
+    @property
+    def partial(self) -> bytes:
+        """The buffered bytes not yet taken as questions (may hold complete ones)."""
+        return self._buf[self._pos :]
+
+    @property
+    def started(self) -> bool:
+        """True while bytes of a question (not only whitespace) are buffered."""
+        rest = self._buf[self._pos :]
+        return bool(rest) and _NOT_WHITESPACE.search(rest) is not None
+
+    @property
+    def has_complete(self) -> bool:
+        """True when a complete question is buffered and not taken yet."""
+        return self._buf.find(b"?", self._pos) >= 0
+
+    @property
+    def finished(self) -> bool:
+        """True after EOF or an oversize question, once nothing is left to take."""
+        return (self.eof or self.too_long) and not self.has_complete
+
+
+class AnswerReader:
+    """Bytes in, complete answers out, for a client: an answer ends with ``.``.
+
+    Resource handling: an answer longer than ``max_size`` raises
+    :class:`ValueError`; no answer of the protocol is longer than 64 bytes.
+    """
+
+    __slots__ = ("_buf", "eof", "max_size")
+
+    def __init__(self, max_size: int = 4096) -> None:
+        self.max_size = max_size
+        self._buf = b""
+        self.eof = False
+
+    def receive_data(self, data: bytes) -> list[bytes]:
+        """Add received bytes and return the answers completed by them."""
+        if not data:
+            self.eof = True
+            return []
+        buf = self._buf + data
+        *complete, rest = buf.split(b".")
+        if len(rest) > self.max_size:
+            raise ValueError(f"answer longer than {self.max_size} bytes")
+        self._buf = rest
+        return [piece + b"." for piece in complete]
+
+    @property
+    def partial(self) -> bytes:
+        """Bytes of an answer not yet complete."""
+        return self._buf
+
+
+def printable(data: bytes, limit: int = 64) -> str:
+    """Client bytes as a one-line, escaped string for a log event.
+
+    ``repr`` escapes newlines, carriage returns and terminal escape
+    sequences, so a question cannot forge or corrupt a log line.
+    """
+    head = data[:limit]
+    text = repr(head)[2:-1]
+    return text + "..." if len(data) > limit else text

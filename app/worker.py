@@ -1,0 +1,455 @@
+"""One worker: one event loop accepting on one listening socket.
+
+Owns: accepting (with a connection cap and a capped back-off on EMFILE),
+the per-connection I/O shell over ``protocol.QuestionReader`` (timeouts,
+size limit, backpressure), one canonical log event per connection, and the
+graceful drain.
+
+Never: binds sockets (``listener``), reads the environment (``config``) or
+manages other processes (``master``).  It does not rely on
+``Server.wait_closed()`` to drain (it returns at once on uvloop and 3.11 and
+waits forever on 3.12+): it tracks its connections itself.
+
+Resource handling: the worker owns the listening socket it is given and
+closes it when it stops accepting; the connections it accepts are closed
+before :meth:`Worker.serve` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from app import exits, zen
+from app.config import Settings
+from app.protocol import QuestionReader, printable
+
+#: Answers written per batch before checking backpressure again; a batch of
+#: unknown-aphorism errors is at most 256 * 24 = 6 KiB.
+ANSWER_BATCH: Final = 256
+#: Accepts per readiness event, so a connection storm cannot starve reads.
+ACCEPT_BATCH: Final = 64
+#: EMFILE back-off: first pause, cap, and how often the event is logged.
+BACKOFF_FIRST: Final = 0.01
+BACKOFF_CAP: Final = 1.0
+BACKOFF_LOG_EVERY: Final = 5.0
+#: Timeouts are checked by one periodic sweep per worker, not one timer per
+#: connection: no per-request cost, and a deadline fires at most one tick late.
+TICK_MAX: Final = 1.0
+TICK_DRAINING: Final = 0.05
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+_answers = zen.answers
+_monotonic = time.monotonic
+
+
+class Stats:
+    """Counters of one worker, read by logs and metrics."""
+
+    __slots__ = ("accept_backoffs", "accepted", "answered", "backpressure_pauses", "closes")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.answered = 0
+        self.backpressure_pauses = 0
+        self.accept_backoffs = 0
+        self.closes: dict[str, int] = {}
+
+
+class Connection(asyncio.Protocol):
+    """The I/O shell of one client connection."""
+
+    __slots__ = (
+        "answered",
+        "bytes_in",
+        "bytes_out",
+        "closing",
+        "last_rx",
+        "opened",
+        "paused",
+        "peer",
+        "reader",
+        "reason",
+        "started_at",
+        "transport",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.reader = QuestionReader(worker.settings.max_request_bytes)
+        self.transport: Any = None
+        self.peer = "?"
+        self.answered = self.bytes_in = self.bytes_out = 0
+        self.opened = self.last_rx = _monotonic()
+        self.started_at: float | None = None  # when the unfinished question began
+        self.paused = False
+        self.closing = False
+        self.reason: str | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        high = self.worker.settings.max_unsent_bytes
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        self.worker.connection_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_rx = _monotonic()
+        self.reader.receive_data(data)
+        self._answer()
+
+    def _answer(self) -> None:
+        reader = self.reader
+        write = self.transport.write
+        while not self.paused:
+            questions = reader.next_questions(ANSWER_BATCH)
+            if not questions:
+                break
+            out = _answers(questions)
+            write(out)
+            self.answered += len(questions)
+            self.bytes_out += len(out)
+            if len(questions) < ANSWER_BATCH:
+                break
+        if self.paused:
+            return
+        if reader.too_long:
+            write(zen.TOO_LONG)
+            self.bytes_out += len(zen.TOO_LONG)
+            self.close("too_long")
+        elif reader.eof:
+            self.close("eof")
+        elif reader.partial:
+            if self.started_at is None:
+                self.started_at = self.last_rx
+        else:
+            self.started_at = None
+
+    def eof_received(self) -> bool:
+        self.reader.receive_data(b"")
+        self._answer()
+        return True  # we close ourselves once every answer is queued
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.worker.stats.backpressure_pauses += 1
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._answer()
+        if not self.paused and not self.closing:
+            self.transport.resume_reading()
+
+    def close(self, reason: str) -> None:
+        """Close after the queued answers are sent."""
+        if not self.closing:
+            self.closing = True
+            self.reason = reason
+            self.last_rx = _monotonic()
+            self.transport.close()
+
+    def expire(self, reason: str) -> None:
+        """Close for a timeout: politely if nothing is unsent, else at once."""
+        if self.transport.get_write_buffer_size() == 0:
+            self.close(reason)
+        else:
+            self.abort(reason)
+
+    def abort(self, reason: str) -> None:
+        """Close now, dropping unsent answers."""
+        if self.reason is None or not self.closing:
+            self.reason = reason
+        self.closing = True
+        self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self.reason or ("reset" if exc is not None else "eof")
+        fields: dict[str, Any] = {}
+        if self.reader.partial and reason != "too_long":
+            fields["unfinished"] = printable(self.reader.partial)
+        self.worker.connection_lost(self, reason, fields)
+
+    def idle(self) -> bool:
+        """True between questions with every answer sent: safe to close in a drain."""
+        return not self.reader.partial and not self.paused and self.transport.get_write_buffer_size() == 0
+
+
+class Worker:
+    """Accepts on one listening socket and serves until asked to stop.
+
+    :meth:`request_stop` (graceful) and :meth:`request_quit` (immediate) only
+    record the request; :meth:`serve` acts on it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        sock: socket.socket,
+        *,
+        log: Any,
+        on_ready: Callable[[], None] | None = None,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sock = sock
+        self.log = log
+        self.on_ready = on_ready
+        self.parent_pid = parent_pid
+        self.stats = Stats()
+        self.conns: set[Connection] = set()
+        self.pending = 0  # accepted, connection_made not run yet
+        self.accepting = False
+        self.draining = False
+        self.paused_full = False
+        self._backoff = 0.0
+        self._backoff_until = 0.0
+        self._backoff_logged = 0.0
+        self._backoff_count = 0
+        self._stop: asyncio.Event | None = None
+        self._quit = False
+        self._tick = min(TICK_MAX, settings.request_timeout / 4, settings.idle_timeout / 4)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- requests (signal handlers, other threads) --------------------------
+
+    def request_stop(self) -> None:
+        """Record a graceful stop; call from the loop's thread (signal handler)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    def request_quit(self) -> None:
+        """Record an immediate stop."""
+        self._quit = True
+        self.request_stop()
+
+    # -- main ----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Serve until a stop is requested, then drain; returns when every connection is closed."""
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.sock.setblocking(False)
+        self._start_accepting()
+        self.loop.call_later(self._tick, self._sweep)
+        self.log.info("worker_ready", max_connections=self.settings.max_connections)
+        if self.on_ready is not None:
+            self.on_ready()
+        await self._stop.wait()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        self._stop_accepting(final=True)
+        self.draining = True
+        deadline = _monotonic() + self.settings.graceful_timeout
+        self.log.info("worker_draining", connections=len(self.conns))
+        while self.conns and not self._quit and _monotonic() < deadline:
+            assert self._stop is not None
+            self._stop.clear()
+            self._close_quiet()
+            try:
+                await asyncio.wait_for(self._stop.wait(), TICK_DRAINING)
+            except TimeoutError:
+                pass
+        for conn in list(self.conns):
+            conn.abort("shutdown")
+        await asyncio.sleep(0)  # let connection_lost run for the aborted ones
+        self.log.info("worker_stopped", aborted=len(self.conns), **self._summary())
+
+    def _summary(self) -> dict[str, Any]:
+        s = self.stats
+        return {"accepted": s.accepted, "answered": s.answered, "closes": dict(s.closes)}
+
+    # -- accepting -----------------------------------------------------------
+
+    def _start_accepting(self) -> None:
+        if not self.accepting and not self.draining:
+            assert self.loop is not None
+            self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
+            self.accepting = True
+
+    def _stop_accepting(self, *, final: bool = False) -> None:
+        assert self.loop is not None
+        if self.accepting:
+            self.loop.remove_reader(self.sock.fileno())
+            self.accepting = False
+        if final and self.sock.fileno() >= 0:
+            # Take what is already queued: if ours is the listener's last
+            # descriptor, closing it would reset those connections.
+            self._accept_some(limit=1 << 30)
+            self.sock.close()
+
+    def _on_acceptable(self) -> None:
+        self._accept_some(ACCEPT_BATCH)
+
+    def _accept_some(self, limit: int) -> None:
+        assert self.loop is not None
+        for _ in range(limit):
+            if len(self.conns) + self.pending >= self.settings.max_connections:
+                self._pause_full()
+                return
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._accept_backoff(exc)
+                    return
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                raise
+            self._backoff = 0.0
+            self.pending += 1
+            self.stats.accepted += 1
+            self.loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        assert self.loop is not None
+        try:
+            await self.loop.connect_accepted_socket(lambda: Connection(self), conn)
+        except OSError as exc:  # the peer was gone before we could wrap it
+            conn.close()
+            self.log.debug("connection_setup_failed", error=str(exc))
+        finally:
+            self.pending -= 1
+
+    def _pause_full(self) -> None:
+        if self.accepting:
+            self._stop_accepting()
+            self.paused_full = True
+            self.log.warning("accept_paused", reason="max_connections", connections=len(self.conns))
+
+    def _accept_backoff(self, exc: OSError) -> None:
+        self._stop_accepting()
+        self._backoff = min(BACKOFF_CAP, max(BACKOFF_FIRST, self._backoff * 2))
+        self._backoff_until = _monotonic() + self._backoff
+        self.stats.accept_backoffs += 1
+        self._backoff_count += 1
+        now = _monotonic()
+        if now - self._backoff_logged >= BACKOFF_LOG_EVERY:
+            self.log.warning(
+                "accept_backoff",
+                error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                delay=self._backoff,
+                count=self._backoff_count,
+                connections=len(self.conns),
+            )
+            self._backoff_logged = now
+            self._backoff_count = 0
+        assert self.loop is not None
+        self.loop.call_later(self._backoff, self._start_accepting)
+
+    # -- connections ----------------------------------------------------------
+
+    def connection_made(self, conn: Connection) -> None:
+        self.conns.add(conn)
+
+    def connection_lost(self, conn: Connection, reason: str, fields: dict[str, Any]) -> None:
+        self.conns.discard(conn)
+        stats = self.stats
+        stats.answered += conn.answered
+        stats.closes[reason] = stats.closes.get(reason, 0) + 1
+        self.log.info(
+            "connection_closed",
+            peer=conn.peer,
+            reason=reason,
+            answered=conn.answered,
+            bytes_in=conn.bytes_in,
+            bytes_out=conn.bytes_out,
+            duration_ms=round((_monotonic() - conn.opened) * 1000, 3),
+            **fields,
+        )
+        if self.paused_full and len(self.conns) + self.pending < self.settings.max_connections:
+            self.paused_full = False
+            self.log.info("accept_resumed", connections=len(self.conns))
+            self._start_accepting()
+        if self.draining and not self.conns and self._stop is not None:
+            self._stop.set()
+
+    def _close_quiet(self) -> None:
+        now = _monotonic()
+        quiet = self.settings.drain_quiet
+        for conn in list(self.conns):
+            if not conn.closing and conn.idle() and now - conn.last_rx >= quiet:
+                conn.close("shutdown")
+
+    def _sweep(self) -> None:
+        """Periodic: timeouts, stalled closes, and the parent's death."""
+        assert self.loop is not None
+        now = _monotonic()
+        s = self.settings
+        for conn in list(self.conns):
+            if conn.closing:
+                if now - conn.last_rx > s.idle_timeout:
+                    conn.abort(conn.reason or "idle_timeout")
+            elif conn.started_at is not None and now - conn.started_at > s.request_timeout:
+                conn.expire("request_timeout")
+            elif now - conn.last_rx > s.idle_timeout:
+                conn.expire("idle_timeout")
+        if self.parent_pid is not None and os.getppid() != self.parent_pid and not self.draining:
+            self.log.warning("parent_died", parent=self.parent_pid)
+            self.request_stop()
+        self.loop.call_later(TICK_DRAINING if self.draining else self._tick, self._sweep)
+
+
+# -- the worker process --------------------------------------------------------
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _die_with_parent(parent_pid: int) -> bool:
+    """Ask the kernel for SIGTERM when the master dies; False if it already has."""
+    try:
+        import ctypes  # noqa: PLC0415 - only workers need it
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the sweep still watches getppid()
+        pass
+    return os.getppid() == parent_pid
+
+
+def serve_worker_process(settings: Settings, *, fd: int, slot: int, ready_fd: int, parent_pid: int) -> int:
+    """Process-wide start-up of a worker, then serve; returns the exit code.
+
+    The one place per worker process that sets up logging, uvloop and
+    signal handlers (gunicorn ``workers/base.py``).  SIGTERM = graceful
+    stop, SIGQUIT = immediate stop, SIGINT is left to the master (a Ctrl-C
+    reaches the whole process group).
+    """
+    import uvloop  # noqa: PLC0415 - the master never runs a loop
+
+    from app import logs  # noqa: PLC0415
+
+    logs.configure(settings)
+    log = logs.get_logger(worker=slot, pid=os.getpid())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not _die_with_parent(parent_pid):
+        log.warning("parent_died", parent=parent_pid)
+        return exits.OK
+    sock = socket.socket(fileno=fd)
+
+    def ready() -> None:
+        os.write(ready_fd, b"R")
+        os.close(ready_fd)
+
+    worker = Worker(settings, sock, log=log, on_ready=ready, parent_pid=parent_pid)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
+        loop.add_signal_handler(signal.SIGQUIT, worker.request_quit)
+        await worker.serve()
+
+    uvloop.run(main())
+    return exits.OK

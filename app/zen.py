@@ -1,0 +1,46 @@
+"""The aphorism table and ``answer(question)``.
+
+Owns: which question gets which answer, byte for byte (PROTOCOL.md).
+Never: touches sockets, clocks, buffers or framing; that is ``protocol.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+#: The book's three aphorisms stay exactly as chapter 7 prints them; the rest
+#: are further "X is better than?" lines of the Zen of Python (PROTOCOL.md).
+APHORISMS: Final[dict[bytes, bytes]] = {
+    b"Beautiful is better than?": b"Ugly.",
+    b"Explicit is better than?": b"Implicit.",
+    b"Simple is better than?": b"Complex.",
+    b"Complex is better than?": b"Complicated.",
+    b"Flat is better than?": b"Nested.",
+    b"Sparse is better than?": b"Dense.",
+    b"Now is better than?": b"Never.",
+}
+
+UNKNOWN: Final = b"Error: unknown aphorism."
+TOO_LONG: Final = b"Error: request too long."
+
+#: The question every health probe asks, and the answer it expects.
+PROBE_QUESTION: Final = b"Beautiful is better than?"
+PROBE_ANSWER: Final = APHORISMS[PROBE_QUESTION]
+
+_get = APHORISMS.get
+
+
+def answer(question: bytes) -> bytes:
+    """Return the answer to one complete question (ending in ``?``)."""
+    return _get(question, UNKNOWN)
+
+
+def answers(questions: Iterable[bytes]) -> bytes:
+    """Return the concatenated answers to ``questions``, in order."""
+    return b"".join([_get(q, UNKNOWN) for q in questions])
+
+
+def is_known(question: bytes) -> bool:
+    """True when ``question`` is in the table."""
+    return question in APHORISMS
