@@ -43,6 +43,12 @@ BACKOFF_LOG_EVERY: Final = 5.0
 #: connection: no per-request cost, and a deadline fires at most one tick late.
 TICK_MAX: Final = 1.0
 TICK_DRAINING: Final = 0.05
+#: After "request too long" the answer must survive although the client may
+#: still be sending: closing with unread input makes Linux send a reset that
+#: destroys it.  So: answer, shut down our side, discard input until EOF,
+#: a quiet second, or LINGER_MAX (nginx's lingering close).
+LINGER_QUIET: Final = 1.0
+LINGER_MAX: Final = 5.0
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _answers = zen.answers
@@ -71,6 +77,7 @@ class Connection(asyncio.Protocol):
         "bytes_out",
         "closing",
         "last_rx",
+        "lingering",
         "opened",
         "paused",
         "peer",
@@ -91,6 +98,7 @@ class Connection(asyncio.Protocol):
         self.started_at: float | None = None  # when the unfinished question began
         self.paused = False
         self.closing = False
+        self.lingering = 0.0  # when the lingering close began; 0 = not lingering
         self.reason: str | None = None
 
     def connection_made(self, transport: Any) -> None:
@@ -104,6 +112,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self.last_rx = _monotonic()
+        if self.closing:
+            return  # lingering: discard
         self.reader.receive_data(data)
         self._answer()
 
@@ -125,7 +135,7 @@ class Connection(asyncio.Protocol):
         if reader.too_long:
             write(zen.TOO_LONG)
             self.bytes_out += len(zen.TOO_LONG)
-            self.close("too_long")
+            self._linger("too_long")
         elif reader.eof:
             self.close("eof")
         elif reader.partial:
@@ -135,6 +145,8 @@ class Connection(asyncio.Protocol):
             self.started_at = None
 
     def eof_received(self) -> bool:
+        if self.lingering:
+            return False  # the client is done: close now
         self.reader.receive_data(b"")
         self._answer()
         return True  # we close ourselves once every answer is queued
@@ -157,6 +169,13 @@ class Connection(asyncio.Protocol):
             self.reason = reason
             self.last_rx = _monotonic()
             self.transport.close()
+
+    def _linger(self, reason: str) -> None:
+        """Send what is queued and a FIN, then discard input until the client is done."""
+        self.closing = True
+        self.reason = reason
+        self.lingering = self.last_rx = _monotonic()
+        self.transport.write_eof()
 
     def expire(self, reason: str) -> None:
         """Close for a timeout: politely if nothing is unsent, else at once."""
@@ -389,7 +408,10 @@ class Worker:
         now = _monotonic()
         s = self.settings
         for conn in list(self.conns):
-            if conn.closing:
+            if conn.lingering:
+                if now - conn.last_rx > LINGER_QUIET or now - conn.lingering > LINGER_MAX:
+                    conn.abort(conn.reason or "too_long")
+            elif conn.closing:
                 if now - conn.last_rx > s.idle_timeout:
                     conn.abort(conn.reason or "idle_timeout")
             elif conn.started_at is not None and now - conn.started_at > s.request_timeout:
