@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from dotenv import dotenv_values
 from environs import Env, EnvValidationError
 from marshmallow.validate import OneOf, Range
 
@@ -98,6 +99,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         Range(0, 60),
     ),
     Setting("CHECK_TIMEOUT", "float", 3.0, "seconds 'python -m app check' waits for the answer", _positive),
+    Setting(
+        "LAB_POOL_SIZE",
+        "int",
+        8,
+        "threads or processes of the lab's fixed pools (python -m app lab threadpool|prefork)",
+        Range(1, 4096),
+    ),
 )
 
 _BY_NAME: Final = {s.name: s for s in SETTINGS}
@@ -121,6 +129,7 @@ class Settings:
     graceful_timeout: float = 25.0
     drain_quiet: float = 1.0
     check_timeout: float = 3.0
+    lab_pool_size: int = 8
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     def replace(self, **changes: Any) -> Settings:
@@ -142,9 +151,10 @@ def load(dotenv: Path | None = Path(".env")) -> Settings:
 
     Raises :class:`ConfigError` naming every invalid variable.
     """
-    before = set(os.environ)
     env = Env(eager=False)
+    from_file: set[str] = set()
     if dotenv is not None and dotenv.is_file():
+        from_file = {k for k, v in dotenv_values(dotenv).items() if v is not None}
         env.read_env(str(dotenv), recurse=False, override=False)
     values: dict[str, Any] = {}
     for s in SETTINGS:
@@ -155,7 +165,9 @@ def load(dotenv: Path | None = Path(".env")) -> Settings:
     except EnvValidationError as exc:
         messages = exc.error_messages
         raise ConfigError(_describe(messages if isinstance(messages, Mapping) else {"": messages})) from None
-    sources = {s.name: "env" if s.name in before else ".env" if s.name in os.environ else "default" for s in SETTINGS}
+    sources = {
+        s.name: "env" if s.name in os.environ else ".env" if s.name in from_file else "default" for s in SETTINGS
+    }
     return _settings(values, sources)
 
 
@@ -181,6 +193,7 @@ def _settings(values: dict[str, Any], sources: dict[str, str]) -> Settings:
         graceful_timeout=values["GRACEFUL_TIMEOUT"],
         drain_quiet=values["DRAIN_QUIET"],
         check_timeout=values["CHECK_TIMEOUT"],
+        lab_pool_size=values["LAB_POOL_SIZE"],
         sources=sources,
     )
 
