@@ -1,0 +1,43 @@
+"""The production server in the lab: the per-core master, or one worker in-process.
+
+Owns: adapting ``app.master`` and ``app.worker`` to ``python -m app lab``
+(``percore`` is exactly ``python -m app serve``; ``worker`` runs one
+:class:`app.worker.Worker` on one socket in this process: the same code on
+one core, to compare with the single-loop lab servers).
+Never: reimplements anything of the production server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from app.config import Settings
+from app.lab.shell import announce_ready, open_listener
+
+
+def serve(settings: Settings, *, name: str, percore: bool = False, **_options: Any) -> int:
+    """Run the production server (``percore``) or one production worker in this process."""
+    if percore:
+        from app.master import serve_master  # noqa: PLC0415
+
+        return serve_master(settings)
+    import uvloop  # noqa: PLC0415
+
+    from app import logs  # noqa: PLC0415
+    from app.worker import Worker  # noqa: PLC0415
+
+    listener = open_listener(settings, blocking=False)
+    log = logs.get_logger(worker=0, pid=os.getpid())
+    worker = Worker(settings, listener, log=log, on_ready=lambda: announce_ready(name, listener, settings))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
+        loop.add_signal_handler(signal.SIGINT, worker.request_stop)
+        await worker.serve()
+
+    uvloop.run(main())
+    return 0
