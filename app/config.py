@@ -16,6 +16,7 @@ raises :class:`ConfigError` and the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import resource
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ from typing import Any, Final
 
 from dotenv import dotenv_values
 from environs import Env, EnvValidationError
+from marshmallow import ValidationError
 from marshmallow.validate import OneOf, Range
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
@@ -49,6 +51,16 @@ class Setting:
     default: Any
     doc: str
     validate: Callable[[Any], Any] | None = None
+
+
+def _valid_cidrs(cidrs: list[str]) -> None:
+    """PROXY_TRUSTED: every entry an IPv4 or IPv6 network (a bare address is a /32 or /128)."""
+    for cidr in cidrs:
+        if cidr.strip():
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                raise ValidationError(f"{cidr.strip()!r} is not a CIDR") from None
 
 
 #: Timeouts must be strictly positive: 0 would close every connection at once.
@@ -106,6 +118,34 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "threads or processes of the lab's fixed pools (python -m app lab threadpool|prefork)",
         Range(1, 4096),
     ),
+    Setting(
+        "PROXY_PROTOCOL",
+        "str",
+        "off",
+        "off | v1 | v2 | any: every connection must start with a PROXY header of that version (HAProxy send-proxy)",
+        OneOf(PROXY_MODES),
+    ),
+    Setting(
+        "PROXY_TRUSTED",
+        "list",
+        ["127.0.0.0/8", "::1/128"],
+        "comma-separated CIDRs of the load balancers; with PROXY_PROTOCOL on, other peers are closed at once",
+        _valid_cidrs,
+    ),
+    Setting(
+        "ADMIN_PORT",
+        "int",
+        0,
+        "port of the admin HTTP listener (/metrics, /healthz, /readyz); 0 = off",
+        Range(0, 65535),
+    ),
+    Setting("ADMIN_HOST", "str", "127.0.0.1", "address of the admin HTTP listener (keep it private)"),
+    Setting(
+        "PROMETHEUS_MULTIPROC_DIR",
+        "str",
+        "",
+        "directory of the workers' metric files (default: a temporary one); cleaned at start",
+    ),
 )
 
 _BY_NAME: Final = {s.name: s for s in SETTINGS}
@@ -130,6 +170,11 @@ class Settings:
     drain_quiet: float = 1.0
     check_timeout: float = 3.0
     lab_pool_size: int = 8
+    proxy_protocol: str = "off"
+    proxy_trusted: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    admin_port: int = 0
+    admin_host: str = "127.0.0.1"
+    prometheus_multiproc_dir: str = ""
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     def replace(self, **changes: Any) -> Settings:
@@ -194,6 +239,11 @@ def _settings(values: dict[str, Any], sources: dict[str, str]) -> Settings:
         drain_quiet=values["DRAIN_QUIET"],
         check_timeout=values["CHECK_TIMEOUT"],
         lab_pool_size=values["LAB_POOL_SIZE"],
+        proxy_protocol=values["PROXY_PROTOCOL"],
+        proxy_trusted=tuple(c.strip() for c in values["PROXY_TRUSTED"] if c.strip()),
+        admin_port=values["ADMIN_PORT"],
+        admin_host=values["ADMIN_HOST"],
+        prometheus_multiproc_dir=values["PROMETHEUS_MULTIPROC_DIR"],
         sources=sources,
     )
 
@@ -224,5 +274,7 @@ def rows(settings: Settings) -> list[tuple[str, str, str]]:
     out = []
     for s in SETTINGS:
         value = effective.get(s.name, getattr(settings, s.name.lower(), None))
+        if isinstance(value, tuple):
+            value = ",".join(value)
         out.append((s.name, "" if value is None else str(value), settings.sources.get(s.name, "default")))
     return out
