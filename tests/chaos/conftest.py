@@ -1,0 +1,65 @@
+"""Fixtures of the chaos suite: the figures table, the file-descriptor limit, kernel knobs.
+
+The figures (load held, faults survived, bad inputs tried, what was lost)
+are printed at the end of the run, and written as JSON to ``$CHAOS_FIGURES``
+when set: the README's Reliability section quotes them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from .server import raise_nofile
+
+_FIGURES: dict[str, Any] = {}
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, Any]:
+    """Record a figure: ``figures["idle_horde"] = {...}``."""
+    return _FIGURES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nofile() -> None:
+    # The idle horde holds 10,000 client sockets in this process.
+    raise_nofile(20_000)
+
+
+@pytest.fixture
+def migrate_req() -> Iterator[bool]:
+    """net.ipv4.tcp_migrate_req=1 (Linux >= 5.14) for one test, restored afterwards.
+
+    With it, connections queued on a reuseport listener that closes move to
+    another listener of the group instead of being reset.  Yields False when
+    the knob cannot be set here (not root, or an older kernel): the worker
+    still accepts what is queued before it closes its listener.
+    """
+    try:
+        old = MIGRATE_REQ.read_text()
+        MIGRATE_REQ.write_text("1\n")
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        MIGRATE_REQ.write_text(old)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _FIGURES:
+        return
+    terminalreporter.section("chaos figures")
+    for name, value in _FIGURES.items():
+        terminalreporter.write_line(f"{name}: {orjson.dumps(value).decode()}")
+    target = os.environ.get("CHAOS_FIGURES")
+    if target:
+        Path(target).write_bytes(orjson.dumps(_FIGURES, option=orjson.OPT_INDENT_2))
