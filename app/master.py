@@ -15,6 +15,7 @@ record the signal; :meth:`Master.run`'s loop acts on it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import random
 import select
@@ -26,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from app import exits
+from app import exits, metrics
+from app.admin import AdminServer, MasterStatus
 from app.config import Settings
 from app.listener import bind_slots, bind_socket
 
@@ -52,6 +54,8 @@ HANDLED_SIGNALS: Final = (
     signal.SIGTTOU,
     signal.SIGCHLD,
 )
+#: Signals that begin a stop: /readyz answers 503 from the moment one arrives.
+STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 
 #: spawn(settings, sock, slot, ready_w, parent_pid) -> pid
 Spawner = Callable[[Settings, socket.socket, int, int, int], int]
@@ -115,12 +119,19 @@ class Master:
         self.kill_at: float | None = None
         self.exit_code = exits.OK
         self.announced = False
+        self.restarts = 0  # crashed workers respawned
+        self.stop_signalled = False  # set by the signal handler itself: readiness drops first
+        self.admin: AdminServer | None = None
+        self.metrics_dir: metrics.MultiprocDir | None = None
+        self._status = MasterStatus(pid=os.getpid())
         self._signals: collections.deque[int] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
 
     # -- signals: record only --------------------------------------------------
 
     def _record(self, signum: int, _frame: object) -> None:
+        if signum in STOP_SIGNALS:
+            self.stop_signalled = True
         self._signals.append(signum)
 
     def _install_signals(self) -> None:
@@ -141,6 +152,15 @@ class Master:
             return exits.BOOT_FAILED
         self.port = socks[0].getsockname()[1]
         self.slots = [Slot(i, sock) for i, sock in enumerate(socks)]
+        try:
+            if not self._open_admin():
+                return exits.BOOT_FAILED
+            return self._run()
+        finally:
+            self._close_admin()
+
+    def _run(self) -> int:
+        s = self.settings
         self._install_signals()
         self.log.info(
             "master_started",
@@ -151,6 +171,7 @@ class Master:
         for slot in self.slots:
             self._spawn(slot)
         while self.procs or not self.stopping:
+            self._publish()
             self._wait()
             self._handle_signals()
             self._reap()
@@ -191,6 +212,7 @@ class Master:
         for slot in self.slots:
             if slot.respawn_at is not None and now >= slot.respawn_at and not self.stopping:
                 slot.respawn_at = None
+                self.restarts += 1
                 self._spawn(slot)
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
@@ -259,6 +281,7 @@ class Master:
                 self._stop_proc(proc)
 
     def _begin_stop(self, code: int) -> None:
+        self.stop_signalled = True  # not ready before the listeners close
         self.stopping = True
         self.exit_code = self.exit_code or code
         for slot in self.slots:
@@ -327,6 +350,8 @@ class Master:
                 self.log.info("reaped_orphan", pid=pid, code=code)
                 continue
             os.close(proc.ready_r)
+            if self.metrics_dir is not None:
+                metrics.mark_worker_dead(self.metrics_dir, pid)
             self._exited(proc, code)
 
     def _exited(self, proc: Proc, code: int) -> None:
@@ -359,6 +384,53 @@ class Master:
         delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
         slot.respawn_at = now + delay
         self.log.warning("worker_respawn_scheduled", slot=slot.index, delay=round(delay, 3), crashes=len(slot.crashes))
+
+    # -- the admin listener (metrics, health) ---------------------------------------
+
+    def _open_admin(self) -> bool:
+        """Start /metrics, /healthz, /readyz when ADMIN_PORT is set; False if it cannot bind."""
+        s = self.settings
+        if not s.admin_port:
+            return True
+        self.metrics_dir = metrics.prepare_multiproc_dir(s)  # before any worker imports prometheus-client
+        registry = metrics.master_registry(self.metrics_dir, self.status)
+        try:
+            self.admin = AdminServer(s.admin_host, s.admin_port, self.status, registry, log=self.log)
+        except OSError as exc:
+            self.log.error("bind_failed", listener="admin", host=s.admin_host, port=s.admin_port, error=str(exc))
+            return False
+        self._publish()
+        self.admin.start()
+        host, port = self.admin.address
+        self.log.info("admin_listening", host=host, port=port, metrics_dir=str(self.metrics_dir.path))
+        return True
+
+    def _close_admin(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
+        if self.metrics_dir is not None:
+            metrics.remove_multiproc_dir(self.metrics_dir)
+
+    def _publish(self) -> None:
+        """Replace the snapshot the admin thread reads (one atomic attribute store)."""
+        current = [sl.current for sl in self.slots if sl.current is not None]
+        self._status = MasterStatus(
+            pid=os.getpid(),
+            slots=len(self.slots),
+            running=len(current),
+            ready_workers=sum(1 for p in current if p.ready),
+            restarts=self.restarts,
+            announced=self.announced,
+            stopping=self.stopping or self.stop_signalled,
+            updated=time.monotonic(),
+        )
+
+    def status(self) -> MasterStatus:
+        """The master as the admin listener sees it (called from its thread)."""
+        st = self._status
+        if self.stop_signalled and not st.stopping:
+            return dataclasses.replace(st, stopping=True)
+        return st
 
 
 def _signal(pid: int, sig: int) -> None:
