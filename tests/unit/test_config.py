@@ -84,7 +84,9 @@ def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name:
 def test_all_errors_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "abc")
     monkeypatch.setenv("WORKERS", "0")
-    message = str(pytest.raises(ConfigError, load).value)
+    with pytest.raises(ConfigError) as info:
+        load()
+    message = str(info.value)
     assert "PORT" in message
     assert "WORKERS" in message
 

@@ -1,0 +1,209 @@
+"""Benchmark: our server against the C reference server ``zenref``, in one run.
+
+Builds ``zenload`` and ``zenref`` from ``../shared/bench`` (copied to a
+temporary folder), then for each server runs each load mode with the server
+pinned to CPU 0 and ``zenload`` pinned to CPU 1, and prints requests/s,
+server CPU microseconds per request (utime+stime of the server's whole
+process tree over the measured window), p99 latency, and the ratio to zenref;
+then the resident memory per idle connection with 10,000 held connections.
+Only ratios measured side by side mean anything on a shared machine.
+
+Usage: python bench/run.py [--duration 5] [--modes pingpong,pipeline,churn] [--hold 10000]
+Extra environment for our server (e.g. ADMIN_PORT=9101) is passed through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("ZEN_SHARED_BENCH", REPO.parent / "shared" / "bench"))
+TARGETS = {"pingpong": 1.35, "pipeline": 2.5, "churn": 1.5}
+MODE_ARGS = {
+    "pingpong": ["-m", "pingpong", "-c", "50"],
+    "pipeline": ["-m", "pipeline", "-c", "50", "-D", "16"],
+    "churn": ["-m", "churn", "-c", "50"],
+}
+
+
+@dataclass
+class Result:
+    server: str
+    mode: str
+    rps: float
+    cpu_us: float
+    p99_us: float
+    errors: int
+
+
+def build_tools() -> Path:
+    """Copy ../shared/bench (it may be read-only) and build zenload and zenref."""
+    work = Path(tempfile.mkdtemp(prefix="zenbench-"))
+    shutil.copytree(SHARED, work / "bench")
+    subprocess.run(["make", "-s", "-C", str(work / "bench")], check=True)
+    return work / "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        except OSError:
+            time.sleep(0.05)
+        else:
+            return
+    raise RuntimeError(f"server not listening on {port} after {timeout}s")
+
+
+def tree_cpu(pid: int) -> float:
+    """utime+stime (seconds) of ``pid`` and its live children."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+def start_server(name: str, tools: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    if name == "zenref":
+        cmd = ["taskset", "-c", "0", str(tools / "zenref"), "-p", str(port), "-w", "1"]
+        env = dict(os.environ)
+    else:
+        cmd = ["taskset", "-c", "0", sys.executable, "-m", "app"]
+        env = {**os.environ, "PORT": str(port), "WORKERS": "1", "LOG_LEVEL": "info", "LOG_FORMAT": "json"}
+    out = log.open("ab")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wait_port(port, proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(40)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def zenload(tools: Path, port: int, args: list[str], duration: float, warmup: float) -> dict[str, str]:
+    cmd = ["taskset", "-c", "1", str(tools / "zenload"), "-p", str(port), "-d", str(duration), "-w", str(warmup), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 30, check=False).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT")), "")
+    return dict(kv.split("=", 1) for kv in line.split()[1:])
+
+
+def measure(server: str, tools: Path, mode: str, duration: float, log: Path) -> Result:
+    port = free_port()
+    proc = start_server(server, tools, port, log)
+    try:
+        zenload(tools, port, MODE_ARGS[mode], 1.0, 0)  # warm up: caches, allocator, branch predictors
+        cpu0 = tree_cpu(proc.pid)
+        res = zenload(tools, port, MODE_ARGS[mode], duration, 0)
+        cpu1 = tree_cpu(proc.pid)
+    finally:
+        stop(proc)
+    completed = int(res.get("completed", "0")) or 1
+    return Result(
+        server, mode, float(res.get("rps", 0)), (cpu1 - cpu0) * 1e6 / completed,
+        float(res.get("p99_us", 0)), int(res.get("errors", -1)),
+    )  # fmt: skip
+
+
+def hold_rss(server: str, tools: Path, conns: int, log: Path) -> float:
+    """Bytes of server RSS per idle connection, with ``conns`` connections held."""
+    port = free_port()
+    proc = start_server(server, tools, port, log)
+    try:
+        zenload(tools, port, MODE_ARGS["pingpong"], 0.5, 0)  # touch the code paths first
+        time.sleep(0.5)
+        before = tree_rss(proc.pid)
+        cmd = ["taskset", "-c", "1", str(tools / "zenload"), "-p", str(port), "-m", "hold", "-c", str(conns)]
+        hold = subprocess.Popen([*cmd, "-d", "3", "-w", "20"], stdout=subprocess.PIPE, text=True)
+        assert hold.stdout is not None
+        for line in hold.stdout:
+            if line.startswith(("READY", "NOTREADY")):
+                ready = line
+                break
+        else:
+            ready = "none"
+        time.sleep(1.0)
+        after = tree_rss(proc.pid)
+        hold.wait(30)
+    finally:
+        stop(proc)
+    if not ready.startswith("READY"):
+        raise RuntimeError(f"hold did not get ready: {ready}")
+    return (after - before) / conns
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--modes", default="pingpong,pipeline,churn")
+    parser.add_argument("--hold", type=int, default=10000, help="idle connections for the RSS figure (0: skip)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate servers this many times; best is kept")
+    args = parser.parse_args()
+    tools = build_tools()
+    log = Path(tempfile.mkdtemp(prefix="zenbench-log-")) / "server.log"
+    results: dict[tuple[str, str], Result] = {}
+    for mode in args.modes.split(","):
+        for _ in range(args.rounds):
+            for server in ("zenref", "ours"):
+                r = measure(server, tools, mode, args.duration, log)
+                best = results.get((server, mode))
+                if best is None or r.cpu_us < best.cpu_us:
+                    results[(server, mode)] = r
+    head = ("mode", "server", "req/s", "cpu us/req", "p99 us", "errors", "ratio", "target")
+    print("{:<9} {:<7} {:>10} {:>11} {:>8} {:>6} {:>6} {:>6}".format(*head))
+    summary: dict[str, object] = {}
+    for mode in args.modes.split(","):
+        ref, ours = results[("zenref", mode)], results[("ours", mode)]
+        ratio = ours.cpu_us / ref.cpu_us if ref.cpu_us else float("nan")
+        for r in (ref, ours):
+            tail = f"{ratio:>6.2f} {TARGETS[mode]:>6.2f}" if r is ours else ""
+            print(f"{mode:<9} {r.server:<7} {r.rps:>10.0f} {r.cpu_us:>11.2f} {r.p99_us:>8.0f} {r.errors:>6} {tail}")
+        summary[mode] = {"zenref_cpu_us": round(ref.cpu_us, 2), "ours_cpu_us": round(ours.cpu_us, 2),
+                         "ratio": round(ratio, 3), "target": TARGETS[mode], "ours_rps": round(ours.rps),
+                         "zenref_rps": round(ref.rps), "ours_p99_us": ours.p99_us, "errors": ours.errors}  # fmt: skip
+    if args.hold:
+        ref_b, ours_b = hold_rss("zenref", tools, args.hold, log), hold_rss("ours", tools, args.hold, log)
+        print(f"idle connections: {args.hold}; RSS per connection: zenref {ref_b:.0f} B, ours {ours_b:.0f} B "
+              f"(target <= 1536 B)")  # fmt: skip
+        summary["rss_per_idle_connection"] = {"zenref_bytes": round(ref_b), "ours_bytes": round(ours_b)}
+    print("BENCH " + json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
