@@ -22,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import random
 import sys
 import time
@@ -100,6 +101,7 @@ class Tally:
     errors: int = 0
     connects: int = 0
     held: int = 0
+    served: int = 0  # connections that got at least one answer
     elapsed: float = 0.0
     error_kinds: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
@@ -123,6 +125,7 @@ class Tally:
         self.errors += other.errors
         self.connects += other.connects
         self.held += other.held
+        self.served += other.served
         self.elapsed = max(self.elapsed, other.elapsed)
         for kind, count in other.error_kinds.items():
             self.error_kinds[kind] = self.error_kinds.get(kind, 0) + count
@@ -189,6 +192,18 @@ def _kind(exc: BaseException) -> str:
     return "timeout" if isinstance(exc, TimeoutError) else "connection"
 
 
+#: (bytes to send, answers expected), computed once: the client's hot path only writes and compares.
+Batch = tuple[bytes, bytes]
+
+
+def batch(questions: list[bytes]) -> Batch:
+    """The payload of ``questions`` and the exact answers they must get."""
+    return b"".join(questions), zen.answers(questions)
+
+
+SINGLES: Final = tuple(batch([q]) for q in QUESTIONS)
+
+
 class Load:
     """One process's share of a load: its connections, the watchdog, the clock."""
 
@@ -216,14 +231,14 @@ class Load:
         if conn.transport is not None:
             conn.transport.close()
 
-    async def ask(self, conn: BenchConnection, questions: Sequence[bytes]) -> None:
+    async def ask(self, conn: BenchConnection, batch: Batch) -> None:
         start = time.perf_counter()
-        await conn.exchange(b"".join(questions), zen.answers(questions))
+        await conn.exchange(*batch)
         self.tally.latency(time.perf_counter() - start)
 
     async def pingpong(self, index: int) -> None:
         depth = self.spec.depth if self.spec.mode == "pipeline" else 1
-        batches = [[QUESTIONS[(i + j) % 3] for j in range(depth)] for i in range(3)]
+        batches = [batch([QUESTIONS[(i + j) % 3] for j in range(depth)]) for i in range(3)]
         n = index
         while not self.stopping:
             try:
@@ -232,9 +247,11 @@ class Load:
                 await self._after_error(exc)
                 continue
             try:
+                await self.ask(conn, batches[n % 3])
+                self.tally.served += 1
                 while not self.stopping:
-                    await self.ask(conn, batches[n % 3])
                     n += 1
+                    await self.ask(conn, batches[n % 3])
             except (OSError, TimeoutError, AnswerMismatchError) as exc:
                 await self._after_error(exc)
             finally:
@@ -248,8 +265,9 @@ class Load:
                 await self._after_error(exc)
                 continue
             try:
-                for question in QUESTIONS:
-                    await self.ask(conn, [question])
+                for one in SINGLES:
+                    await self.ask(conn, one)
+                self.tally.served += 1
             except (OSError, TimeoutError, AnswerMismatchError) as exc:
                 await self._after_error(exc)
             finally:
@@ -262,9 +280,10 @@ class Load:
             self.tally.error(_kind(exc))
             return
         try:
-            await self.ask(conn, [QUESTIONS[index % 3]])
+            await self.ask(conn, SINGLES[index % 3])
+            self.tally.served += 1
             await self.stopped.wait()
-            await self.ask(conn, [QUESTIONS[(index + 1) % 3]])  # still served after idling
+            await self.ask(conn, SINGLES[(index + 1) % 3])  # still served after idling
             self.tally.held += 1
         except (OSError, TimeoutError, AnswerMismatchError) as exc:
             self.tally.error(_kind(exc))
@@ -336,15 +355,34 @@ def _child(  # noqa: PLR0917 - multiprocessing passes arguments positionally
     results.put(_run_loop(Load(spec, connections, progress)))
 
 
-def run_load(spec: LoadSpec, on_progress: Callable[[float, int], None] | None = None) -> Tally:
+def _wait_ready(procs: Sequence[Any], ready: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = len(procs)
+    while waiting:
+        try:
+            ready.get(timeout=TICK)
+            waiting -= 1
+        except queue.Empty:
+            if time.monotonic() > deadline or not all(p.is_alive() for p in procs):
+                raise RuntimeError("a load process failed to start") from None
+
+
+def run_load(
+    spec: LoadSpec,
+    on_progress: Callable[[float, int], None] | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> Tally:
     """Run ``spec`` in ``spec.processes`` processes and return the merged tally.
 
-    ``on_progress(elapsed, answers)`` is called about every :data:`TICK` seconds.
+    ``on_start()`` is called when the load starts (every process is ready),
+    ``on_progress(elapsed, answers)`` about every :data:`TICK` seconds.
     """
     if spec.mode not in MODES:
         raise ValueError(f"unknown mode {spec.mode!r}")
     shares = _split(spec.connections, spec.processes)
-    ctx = multiprocessing.get_context("spawn")  # no inherited threads or loops
+    # fork: the children start in milliseconds and run only this module's
+    # code on a new event loop; spawn would re-import the caller's __main__.
+    ctx = multiprocessing.get_context("fork")
     counts = ctx.Array("q", len(shares), lock=False)
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [
@@ -354,8 +392,9 @@ def run_load(spec: LoadSpec, on_progress: Callable[[float, int], None] | None = 
     for proc in procs:
         proc.start()
     try:
-        for _ in procs:
-            ready.get(timeout=60)
+        _wait_ready(procs, ready)
+        if on_start is not None:
+            on_start()
         go.set()
         start = time.monotonic()
         deadline = start + spec.duration + spec.timeout + 30
@@ -402,6 +441,7 @@ def summarize(spec: LoadSpec, tally: Tally) -> dict[str, Any]:
         "error_kinds": tally.error_kinds,
         "connects": tally.connects,
         "held": tally.held,
+        "served": tally.served,
         "elapsed": round(elapsed, 3),
         "rps": round(tally.answers / elapsed, 1),
         "cps": round(tally.connects / elapsed, 1),
@@ -418,13 +458,14 @@ def print_table(rows: Sequence[dict[str, Any]], title: str = "bench") -> None:
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(title=title)
-    for name in ("mode", "conns", "answers/s", "conns/s", "errors", "p50 ms", "p99 ms", "max ms"):
-        table.add_column(name, justify="left" if name == "mode" else "right")
+    for name in ("mode", "conns", "served", "answers/s", "conns/s", "errors", "p50 ms", "p99 ms", "max ms"):
+        table.add_column(name, justify="left" if name == "mode" else "right", no_wrap=name == "mode")
     for row in rows:
         lat = row["latency_ms"]
         table.add_row(
             row["mode"] + (f" x{row['depth']}" if row["mode"] == "pipeline" else ""),
             str(row["connections"]),
+            str(row["served"]),
             f"{row['rps']:,.0f}",
             f"{row['cps']:,.0f}",
             str(row["errors"]),
@@ -432,7 +473,7 @@ def print_table(rows: Sequence[dict[str, Any]], title: str = "bench") -> None:
             f"{lat['p99']:.2f}",
             f"{lat['max']:.2f}",
         )
-    Console(width=max(100, len(title))).print(table)
+    Console(width=max(130, len(title))).print(table)
 
 
 def run_with_progress(spec: LoadSpec, *, show: bool) -> Tally:

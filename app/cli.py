@@ -66,6 +66,31 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
     return exits.OK if healthy else exits.UNHEALTHY
 
 
+def _lab(args: argparse.Namespace, settings: Settings) -> int:
+    from app.lab import BY_NAME, describe, serve_lab  # noqa: PLC0415
+
+    if args.list or args.name is None:
+        for name, text in describe():
+            print(f"{name:<24} {text}")
+        return exits.OK
+    if args.name not in BY_NAME:
+        print(f"unknown lab server {args.name!r}; see 'python -m app lab --list'", file=sys.stderr)
+        return exits.CONFIG
+    return serve_lab(args.name, settings)
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from app.bench import main as bench_main  # noqa: PLC0415
+
+    return bench_main(args.args, settings)
+
+
+def _compare(args: argparse.Namespace, settings: Settings) -> int:
+    from app.compare import main as compare_main  # noqa: PLC0415
+
+    return compare_main(args.args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m app``."""
     parser = argparse.ArgumentParser(
@@ -87,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="server port (default: from PORT)")
     p.add_argument("--timeout", type=float, help="seconds (default: CHECK_TIMEOUT)")
     p.set_defaults(func=_check)
+    p = sub.add_parser("lab", help="run one of the chapter's architectures (lab --list lists them)")
+    p.add_argument("name", nargs="?", help="the server to run, e.g. single, threadpool, poll, asyncio-streams")
+    p.add_argument("--list", action="store_true", help="list the lab servers with a one-line description")
+    p.set_defaults(func=_lab)
+    # bench and compare parse their own options (see their --help), so this module stays free of their logic.
+    for name, func, text in (
+        ("bench", _bench, "load generator: pingpong | pipeline | churn | hold; verifies every answer"),
+        ("compare", _compare, "run every lab server under the same loads; report, plots and table"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False, prefix_chars="\x00")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
     p = sub.add_parser("worker")  # internal: started by the master; not listed in --help
     for name in ("--fd", "--slot", "--ready-fd", "--parent"):
         p.add_argument(name, type=int, required=True)

@@ -12,6 +12,7 @@ Never: kills by name, or anything outside the tree of the process it spawned.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -39,6 +40,7 @@ class Tree:
     processes: int
     threads: int
     cpu: float  # seconds, user + system, including reaped children
+    cpu_by_pid: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class RunningServer:
         rss = mem_uss = threads = 0
         cpu = 0.0
         alive = 0
+        by_pid: dict[int, float] = {}
         for proc in procs:
             try:
                 with proc.oneshot():
@@ -75,8 +78,10 @@ class RunningServer:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             alive += 1
-            cpu += times.user + times.system + times.children_user + times.children_system
-        return Tree(rss, mem_uss, alive, threads, cpu)
+            own = times.user + times.system
+            by_pid[proc.pid] = own
+            cpu += own + times.children_user + times.children_system
+        return Tree(rss, mem_uss, alive, threads, cpu, by_pid)
 
     def log_events(self) -> list[dict[str, Any]]:
         """The JSON events the server logged so far."""
