@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+# The Zen server as a container image: `python -m app` (the master) as PID 1.
+#
+#   docker build -t zen-server .            (or: podman build ...)
+#   docker run -p 1060:1060 zen-server
+#
+# BASE_IMAGE is any Debian-like image with python3 (>= 3.11) and its venv
+# module: python:3.12-slim by default; the tests build on a local Debian
+# bookworm image (python3 + python3-venv) because no registry is reachable.
+# A private CA bundle for pip, when the network needs one, comes in as a
+# build secret and never lands in a layer:
+#   docker build --secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt .
+ARG BASE_IMAGE=python:3.12-slim
+
+FROM ${BASE_IMAGE} AS build
+# `python3 -m venv` works on both bases (Debian's has no `python`); the
+# venv then provides `python` for CMD and HEALTHCHECK.
+RUN python3 -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY app ./app
+# An index other than PyPI, when the build host uses one (empty: PyPI).
+ARG PIP_INDEX_URL_OVERRIDE=""
+RUN --mount=type=secret,id=pip_cert,required=false \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
+       ${PIP_INDEX_URL_OVERRIDE:+--index-url "$PIP_INDEX_URL_OVERRIDE"} . \
+    && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
+
+FROM ${BASE_IMAGE}
+RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin zen
+COPY --from=build /opt/venv /opt/venv
+# HOST: listen on every interface of the container's network namespace.
+# LOG_FORMAT: JSON lines on stdout for the engine's log driver.
+ENV PATH=/opt/venv/bin:$PATH \
+    HOST=0.0.0.0 \
+    PORT=1060 \
+    LOG_FORMAT=json \
+    PYTHONDONTWRITEBYTECODE=1
+# No source tree and no .env here: the installed package is the program.
+WORKDIR /srv
+# Numeric, so Kubernetes runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
+EXPOSE 1060
+# SIGTERM is the graceful drain (GRACEFUL_TIMEOUT, 25 s by default): give
+# `docker stop` a --time above it (-t 35) or the engine kills at 10 s.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 CMD ["python", "-m", "app", "check"]
+CMD ["python", "-m", "app"]
