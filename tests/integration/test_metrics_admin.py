@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,6 +22,7 @@ from app import metrics, proxy, zen
 from app.admin import MasterStatus
 from app.config import Settings
 from app.master import Master
+from app.worker import Stats
 from tests.conformance import recv_exactly, recv_until_eof
 from tests.server import ServerProcess, free_port, start_server
 
@@ -258,6 +261,14 @@ def test_admin_is_off_by_default_and_unknown_paths_are_404() -> None:
         status, body = get(int(env["ADMIN_PORT"]), "/nope")
         assert status == 404
         assert b"/metrics" in body
+
+
+@given(st.lists(st.sampled_from([*zen.APHORISMS, b"x?", b"?", zen.UNKNOWN + b"?", b"Ugly.?"]), max_size=40))
+def test_counting_answers_counts_exactly_the_unknown(questions: list[bytes]) -> None:
+    stats = Stats()
+    answers = metrics.WorkerMetrics.counting_answers(stats)
+    assert answers(questions) == zen.answers(questions)
+    assert stats.unknown == sum(q not in zen.APHORISMS for q in questions)
 
 
 def test_bulk_histogram_flush_equals_observe() -> None:
