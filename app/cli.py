@@ -29,8 +29,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return serve_worker_process(settings, fd=args.fd, slot=args.slot, ready_fd=args.ready_fd, parent_pid=args.parent)
 
 
-def _config(_args: argparse.Namespace, settings: Settings) -> int:
-    from app.config import rows  # noqa: PLC0415
+def _config(args: argparse.Namespace, settings: Settings) -> int:
+    from app.config import markdown, rows  # noqa: PLC0415
+
+    if args.markdown:
+        print(markdown())
+        return exits.OK
 
     table = rows(settings)
     width = max(len(name) for name, _, _ in table)
@@ -106,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="server port (default: from PORT)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
     p.set_defaults(func=_client)
-    sub.add_parser("config", help="print every setting, its effective value and its source").set_defaults(func=_config)
+    p = sub.add_parser("config", help="print every setting, its effective value and its source")
+    p.add_argument("--markdown", action="store_true", help="print the table of variables for the README instead")
+    p.set_defaults(func=_config)
     p = sub.add_parser("check", help="health probe: exit 0 on the right answer, 1 otherwise")
     p.add_argument("--host", help="server address (default: from HOST; a wildcard means loopback)")
     p.add_argument("--port", type=int, help="server port (default: from PORT)")

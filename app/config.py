@@ -278,3 +278,13 @@ def rows(settings: Settings) -> list[tuple[str, str, str]]:
             value = ",".join(value)
         out.append((s.name, "" if value is None else str(value), settings.sources.get(s.name, "default")))
     return out
+
+
+def markdown() -> str:
+    """The README's table of variables: name, default, meaning."""
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for s in SETTINGS:
+        default = "" if s.default is None else str(s.default)
+        doc = s.doc.replace("|", "\\|")
+        lines.append(f"| `{s.name}` | {f'`{default}`' if default else ''} | {doc} |")
+    return "\n".join(lines)
