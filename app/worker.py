@@ -93,6 +93,7 @@ class Connection(asyncio.Protocol):
     """The I/O shell of one client connection."""
 
     __slots__ = (
+        "active",
         "answered",
         "bytes_in",
         "bytes_out",
@@ -116,6 +117,10 @@ class Connection(asyncio.Protocol):
         self.peer = peer  # accept()'s address tuple; formatted only when logged
         self.answered = self.bytes_in = self.bytes_out = 0
         self.opened = self.last_rx = _monotonic()
+        # The idle clock: last progress (bytes of a question, or answers).
+        # Whitespace alone does not restart it: it is skipped before a
+        # question, so a client trickling newlines would hold a connection for ever.
+        self.active = self.opened
         self.started_at: float | None = None  # when the unfinished question began
         self.paused = False
         self.closing = False
@@ -150,6 +155,8 @@ class Connection(asyncio.Protocol):
             self.bytes_out += len(out)
             if len(questions) < ANSWER_BATCH:
                 break
+        if self.answered != before or reader.partial:
+            self.active = self.last_rx
         if self.paused:
             return
         if reader.too_long:
@@ -542,7 +549,7 @@ class Worker:
                     conn.abort(conn.reason or "idle_timeout")
             elif conn.started_at is not None and now - conn.started_at > s.request_timeout and not conn.paused:
                 conn.expire("request_timeout")
-            elif now - conn.last_rx > s.idle_timeout:
+            elif now - conn.active > s.idle_timeout:
                 conn.expire("idle_timeout")
         if self.parent_pid is not None and os.getppid() != self.parent_pid and not self.draining:
             self.log.warning("parent_died", parent=self.parent_pid)

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,9 +90,12 @@ class LogFile:
 
     def refresh(self) -> list[Event]:
         """Read what was written since the last call; return every event so far."""
-        with self.path.open("rb") as f:
-            f.seek(self._offset)
-            data = f.read()
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:  # the server's temporary directory is gone: everything was read
+            return self.events
         self._offset += len(data)
         *lines, self._rest = (self._rest + data).split(b"\n")
         for line in lines:
@@ -106,9 +110,11 @@ class LogFile:
         """Events called ``name`` whose fields include ``fields``."""
         return [e for e in self.refresh() if e.get("event") == name and all(e.get(k) == v for k, v in fields.items())]
 
-    def tail(self, count: int = 40) -> str:
+    def tail(self, count: int = 30) -> str:
+        """The last ``count`` lines, leaving out the load's routine closes."""
         self.refresh()
-        return "\n".join(line.decode("utf-8", "backslashreplace") for line in self.raw[-count:])
+        lines = [line for line in self.raw if b'"reason":"eof"' not in line]
+        return "\n".join(line.decode("utf-8", "backslashreplace") for line in lines[-count:])
 
 
 class Server:
@@ -208,6 +214,33 @@ class Server:
                 total += sum(1 for c in proc.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED)
         return total
 
+    @contextlib.contextmanager
+    def peak_rss(self, interval: float = 0.05) -> Iterator[list[int]]:
+        """Sample :meth:`rss` in a thread while the block runs; the list holds [peak] afterwards."""
+        peak = [self.rss()]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(interval):
+                peak[0] = max(peak[0], self.rss())
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield peak
+        finally:
+            done.set()
+            thread.join()
+            peak[0] = max(peak[0], self.rss())
+
+    def assert_clean_log(self) -> None:
+        """Every line is a JSON event and none is an error: no traceback, no crash."""
+        self.log.refresh()
+        bad = [line for line in self.log.raw if not line.startswith(b"{")]
+        assert not bad, b"\n".join(bad[:20]).decode("utf-8", "backslashreplace")
+        errors = [e for e in self.log.events if e.get("level") in ("error", "critical")]
+        assert not errors, errors[:5]
+
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
@@ -275,3 +308,4 @@ def open_server(
             yield server
         finally:
             server.stop()
+            server.log.refresh()
