@@ -24,14 +24,15 @@ ARG PIP_INDEX_URL_OVERRIDE=""
 RUN --mount=type=secret,id=pip_cert,required=false \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
-       ${PIP_INDEX_URL_OVERRIDE:+--index-url "$PIP_INDEX_URL_OVERRIDE"} . \
-    && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
+       ${PIP_INDEX_URL_OVERRIDE:+--index-url "$PIP_INDEX_URL_OVERRIDE"} .
 
 FROM ${BASE_IMAGE}
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin zen
 COPY --from=build /opt/venv /opt/venv
 # HOST: listen on every interface of the container's network namespace.
 # LOG_FORMAT: JSON lines on stdout for the engine's log driver.
+# The bytecode pip compiled is kept (every health probe starts a Python);
+# nothing new is written at run time (the root filesystem may be read-only).
 ENV PATH=/opt/venv/bin:$PATH \
     HOST=0.0.0.0 \
     PORT=1060 \
