@@ -241,6 +241,14 @@ class Server:
         errors = [e for e in self.log.events if e.get("level") in ("error", "critical")]
         assert not errors, errors[:5]
 
+    def holds(self, client_port: int) -> bool:
+        """True when a worker has accepted the connection from ``client_port``."""
+        for proc in self.workers():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any(c.raddr and c.raddr.port == client_port for c in proc.net_connections("tcp")):
+                    return True
+        return False
+
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 

@@ -149,20 +149,21 @@ def test_ttin_then_ttou_loses_nothing(figures: dict[str, Any], migrate_req: bool
 
 
 def test_sigterm_with_questions_in_flight_loses_nothing(figures: dict[str, Any]) -> None:
-    with open_server() as server:
+    with open_server({"REQUEST_TIMEOUT": "20"}) as server:
         load = LoadGenerator(server.addr)
         load.start()
         try:
             load.wait_answered(300)
             slow = socket.create_connection(server.addr)  # a question in progress across the stop
             slow.sendall(b"Beautiful is ")
-            server.wait_for("the slow connection to be accepted", lambda: server.connections() > 0)
+            port = slow.getsockname()[1]
+            server.wait_for("the slow connection to be accepted", lambda: server.holds(port))
             load.mark_down()
             server.signal(signal.SIGTERM)
             server.wait_event("worker_draining", count=2)
             slow.sendall(b"better than?")
             slow.settimeout(10)
-            assert slow.recv(100) == b"Ugly."
+            assert slow.recv(100) == b"Ugly.", server.log.named("connection_closed", peer=f"127.0.0.1:{port}")
             assert slow.recv(100) == b"", "the drained connection is closed once quiet"
             slow.close()
             code = server.wait_exit(30)
