@@ -70,7 +70,8 @@ def _measured_load(server: RunningServer, spec: bench.LoadSpec) -> dict[str, Any
 def _scenarios(server: RunningServer, pool: int, hold: int) -> dict[str, Any]:
     one = probe_while_idle(server, 1, wait=PROBE_WAIT)
     full = probe_while_idle(server, pool, wait=PROBE_WAIT)
-    mem = memory_at(server, hold, wait=max(5.0, hold / 200))
+    # fork() per connection manages a few hundred a second: give it the time.
+    mem = memory_at(server, hold, wait=max(10.0, hold / 40))
     return {
         "second_client_while_one_idles": one.answered_while_idle,
         "client_after_pool_of_idle": full.answered_while_idle,
@@ -91,6 +92,10 @@ def run_server(name: str, args: argparse.Namespace) -> ServerResult:
     env = {"LAB_POOL_SIZE": str(args.pool), "WORKERS": str(args.workers)}
     try:
         with running_server(name, env=env) as server:
+            # Scenarios first: memory is measured on a fresh server, before
+            # the loads leave freed-but-kept allocator arenas behind.
+            if not args.no_scenarios:
+                result.scenarios = _scenarios(server, args.pool, args.hold)
             for mode, share in LOADS:
                 spec = bench.LoadSpec(
                     host=server.host,
@@ -103,8 +108,6 @@ def run_server(name: str, args: argparse.Namespace) -> ServerResult:
                     processes=args.processes,
                 )
                 result.loads.append(_measured_load(server, spec))
-            if not args.no_scenarios:
-                result.scenarios = _scenarios(server, args.pool, args.hold)
     except (OSError, RuntimeError, TimeoutError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     return result
@@ -132,6 +135,7 @@ def machine_note() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": round(os.getloadavg()[0], 1),  # other work on the machine skews the numbers
     }
 
 
@@ -154,7 +158,8 @@ def report_markdown(results: Sequence[ServerResult], args: argparse.Namespace, m
         "",
         (
             f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
-            f"Linux {machine['kernel']}, Python {machine['python']}, {machine['date']}. "
+            f"Linux {machine['kernel']}, Python {machine['python']}, {machine['date']}, "
+            f"load average {machine.get('load_average', '?')} before the run. "
             "The load generator runs on the same cores as the server, so absolute numbers are modest; "
             "compare the rows, not the machines."
         ),
@@ -162,25 +167,27 @@ def report_markdown(results: Sequence[ServerResult], args: argparse.Namespace, m
         "## Loads",
         "",
         (
-            "answers/s (errors = answers not received within the timeout or wrong; cores = CPU seconds of the "
-            "server's process tree per wall second)"
+            "answers/s; served = connections opened that got answers (a stuck one times out and reconnects); "
+            "errors = answers not received within the timeout, or wrong; cores = CPU seconds of the server's "
+            "process tree per wall second, busy = its processes that did work (both at the heaviest load)"
         ),
         "",
-        "| server | pingpong/s | served | pipeline/s | churn conns/s | errors | p50 ms | p99 ms | cores |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | pingpong/s | served | pipeline/s | churn conns/s | errors | p50 ms | p99 ms | cores | busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.error or not r.loads:
-            lines.append(f"| {r.name} | failed: {r.error} | | | | | | | |")
+            lines.append(f"| {r.name} | failed: {r.error} | | | | | | | | |")
             continue
         by = {row["mode"]: row for row in r.loads}
         ping, pipe, churn = by["pingpong"], by["pipeline"], by["churn"]
         errors = sum(row["errors"] for row in r.loads)
         cores = max(row["cores"] for row in r.loads)
+        busy = max(row["busy_processes"] for row in r.loads)
         lines.append(
             f"| {r.name} | {ping['rps']:,.0f} | {ping['served']}/{ping['connections']} | "
             f"{pipe['rps']:,.0f} | {churn['cps']:,.0f} | {errors} | "
-            f"{ping['latency_ms']['p50']:.2f} | {ping['latency_ms']['p99']:.2f} | {cores:.2f} |"
+            f"{ping['latency_ms']['p50']:.2f} | {ping['latency_ms']['p99']:.2f} | {cores:.2f} | {busy} |"
         )
     lines += [
         "",
@@ -229,7 +236,7 @@ def write_plots(results: Sequence[ServerResult], out: Path) -> list[Path]:
     y = list(range(len(ok)))
     paths = []
 
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5), layout="constrained")
     for i, (mode, _share) in enumerate(LOADS):
         key = "cps" if mode == "churn" else "rps"
         values = [max(1.0, next(row[key] for row in r.loads if row["mode"] == mode)) for r in ok]
@@ -239,7 +246,7 @@ def write_plots(results: Sequence[ServerResult], out: Path) -> list[Path]:
     ax.set_xscale("log")
     paths.append(_save(fig, out / "throughput.png"))
 
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5), layout="constrained")
     for i, pct in enumerate(("p50", "p99")):
         values = [max(0.001, next(row for row in r.loads if row["mode"] == "pingpong")["latency_ms"][pct]) for r in ok]
         ax.barh([v + (i - 0.5) * 0.4 for v in y], values, height=0.4, label=f"pingpong {pct}")
@@ -249,13 +256,16 @@ def write_plots(results: Sequence[ServerResult], out: Path) -> list[Path]:
 
     mem = [r for r in ok if r.scenarios]
     if mem:
-        fig, ax = plt.subplots(figsize=(9, 0.45 * len(mem) + 1.5))
-        values = [max(0.0, r.scenarios["uss_per_connection"] / 1024) for r in mem]
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(mem) + 1.5), layout="constrained")
+        values = [max(0.1, r.scenarios["uss_per_connection"] / 1024) for r in mem]
         ax.barh(list(range(len(mem))), values, height=0.6, color="tab:red")
         for i, r in enumerate(mem):
             s = r.scenarios
-            ax.text(values[i], i, f" {s['held_answered']}/{s['hold']} served", va="center", fontsize=8)
-        _finish(ax, [r.name for r in mem], "KiB of private memory per held connection", "Memory per connection")
+            text = f" {s['uss_per_connection'] / 1024:.1f} KiB; {s['held_answered']}/{s['hold']} served"
+            ax.text(values[i], i, text, va="center", fontsize=8)
+        _finish(ax, [r.name for r in mem], "KiB of private memory per served connection (log scale)", "Memory")
+        ax.set_xscale("log")
+        ax.set_xlim(0.1, max(values) * 30)
         paths.append(_save(fig, out / "memory.png"))
     return paths
 
@@ -267,13 +277,12 @@ def _finish(ax: Any, names: list[str], xlabel: str, title: str) -> None:
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 1.2 / (len(names) + 3)), ncol=3, fontsize=8)
+        ax.figure.legend(loc="outside lower center", ncol=3, fontsize=8)
 
 
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -319,12 +328,12 @@ def main(argv: Sequence[str], settings: Settings) -> int:
     if unknown:
         parser.error(f"unknown servers: {', '.join(unknown)} (see python -m app lab --list)")
     args.out.mkdir(parents=True, exist_ok=True)
+    machine = machine_note()
     results = []
     for name in names:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         results.append(run_server(name, args))
     print_results(results)
-    machine = machine_note()
     (args.out / "results.json").write_text(
         json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
                     "results": [asdict(r) for r in results]}, indent=1) + "\n"

@@ -106,7 +106,7 @@ def probe_while_idle(server: RunningServer, idle: int, *, wait: float = 1.0) -> 
 
 @dataclass
 class MemoryResult:
-    """What ``connections`` held, idle connections cost the server's whole process tree."""
+    """What ``connections`` idle connections (``answered`` of them served) cost the server's process tree."""
 
     connections: int
     answered: int
@@ -121,13 +121,13 @@ class MemoryResult:
 
     @property
     def uss_per_connection(self) -> float:
-        """Bytes of memory private to the server per held connection (USS: shared pages once)."""
-        return (self.uss_after - self.uss_before) / max(1, self.connections)
+        """Bytes of memory private to the server per served connection (USS: shared pages once)."""
+        return (self.uss_after - self.uss_before) / max(1, self.answered)
 
     @property
     def rss_per_connection(self) -> float:
-        """RSS growth per connection (shared pages counted in every process)."""
-        return (self.rss_after - self.rss_before) / max(1, self.connections)
+        """RSS growth per served connection (shared pages counted in every process)."""
+        return (self.rss_after - self.rss_before) / max(1, self.answered)
 
 
 def memory_at(server: RunningServer, connections: int, *, wait: float = 10.0, settle: float = 0.3) -> MemoryResult:

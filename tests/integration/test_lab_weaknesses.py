@@ -41,12 +41,12 @@ def test_single_threaded_makes_a_second_client_wait_while_the_first_idles(server
 
 @_params("threadpool", "thread", "poll", "asyncio-streams", "worker", "percore")
 def test_an_idle_client_does_not_block_the_others(server: RunningServer) -> None:
-    assert probe_while_idle(server, 1, wait=2.0).answered_while_idle
+    assert probe_while_idle(server, 1, wait=5.0).answered_while_idle
 
 
 @_params("threadpool", "prefork")
 def test_a_fixed_pool_is_exhausted_by_pool_size_idle_clients(server: RunningServer) -> None:
-    assert probe_while_idle(server, POOL - 1, wait=2.0).answered_while_idle, "below its size the pool serves"
+    assert probe_while_idle(server, POOL - 1, wait=5.0).answered_while_idle, "below its size the pool serves"
     full = probe_while_idle(server, POOL, wait=1.0)
     assert full.idle_answered == POOL
     assert not full.answered_while_idle
@@ -55,7 +55,7 @@ def test_a_fixed_pool_is_exhausted_by_pool_size_idle_clients(server: RunningServ
 
 @_params("thread", "fork", "percore")
 def test_pool_size_idle_clients_do_not_exhaust_the_others(server: RunningServer) -> None:
-    assert probe_while_idle(server, POOL, wait=2.0).answered_while_idle
+    assert probe_while_idle(server, POOL, wait=5.0).answered_while_idle
 
 
 @_params("thread")
