@@ -33,23 +33,23 @@ def _nofile() -> None:
     raise_nofile(20_000)
 
 
-@pytest.fixture
-def migrate_req() -> Iterator[bool]:
-    """net.ipv4.tcp_migrate_req=1 (Linux >= 5.14) for one test, restored afterwards.
+@pytest.fixture(params=[0, 1], ids=["migrate_req=0", "migrate_req=1"])
+def migrate_req(request: pytest.FixtureRequest) -> Iterator[int]:
+    """net.ipv4.tcp_migrate_req (Linux >= 5.14) set to 0 and to 1 for one test each, restored afterwards.
 
-    With it, connections queued on a reuseport listener that closes move to
-    another listener of the group instead of being reset.  Yields False when
-    the knob cannot be set here (not root, or an older kernel): the worker
-    still accepts what is queued before it closes its listener.
+    With 1, connections queued on a reuseport listener that closes move to
+    another listener of the group instead of being reset.  With 0 the
+    worker retiring a slot must accept what is queued before it closes the
+    listener (Worker._stop_accepting): both must lose nothing.
     """
+    wanted = int(request.param)
     try:
         old = MIGRATE_REQ.read_text()
-        MIGRATE_REQ.write_text("1\n")
-    except OSError:
-        yield False
-        return
+        MIGRATE_REQ.write_text(f"{wanted}\n")
+    except OSError as exc:
+        pytest.skip(f"cannot set net.ipv4.tcp_migrate_req={wanted} here (needs root, Linux >= 5.14): {exc}")
     try:
-        yield True
+        yield wanted
     finally:
         MIGRATE_REQ.write_text(old)
 

@@ -7,10 +7,11 @@ Two kinds of clients, both as a real client of a graceful server behaves:
 
 - *churn* clients do what the book's client does: connect, ask the three
   questions one at a time, close, start over;
-- *persistent* clients keep one connection, ask bursts of questions one at a
-  time and pause now and then; a server close *between* questions (nothing
-  outstanding) is a normal close (a draining worker does it after
-  DRAIN_QUIET), and they reconnect.
+- *persistent* clients keep a connection for 3 to 12 bursts of questions
+  (asked one at a time, with a pause after each burst, now and then longer
+  than DRAIN_QUIET), then close it and reconnect; a server close *between*
+  questions (nothing outstanding) is a normal close (a draining worker does
+  it after DRAIN_QUIET), and they reconnect.
 
 A failure is a wrong answer, a reset or an EOF with a question outstanding, a
 question not answered within ``answer_timeout``, or a refused or failed
@@ -267,7 +268,9 @@ class LoadGenerator:
     async def _persist(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: AnswerReader, rng: random.Random
     ) -> None:
-        while self._running():
+        for _ in range(rng.randint(3, 12)):  # then close and reconnect: new connections reach new slots
+            if not self._running():
+                return
             for _ in range(rng.randint(5, 40)):
                 await self._ask(reader, writer, answers, *rng.choice(self.questions))
             # Pause: mostly short; sometimes longer than DRAIN_QUIET, so a

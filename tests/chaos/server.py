@@ -166,7 +166,12 @@ class Server:
             children = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
-        return [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        alive = []
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):  # it may die while we look
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(child)
+        return alive
 
     def ready_workers(self) -> dict[int, int]:
         """slot -> pid of the workers that logged ``worker_ready`` and are still alive, newest per slot."""
