@@ -59,8 +59,15 @@ def free_port() -> int:
 
 
 def raise_nofile(wanted: int) -> int:
-    """Raise this process's soft RLIMIT_NOFILE towards ``wanted`` (at most the hard limit); returns it."""
+    """Raise this process's soft RLIMIT_NOFILE to ``wanted`` (and the hard one, if allowed: root); returns it.
+
+    The servers started afterwards inherit it.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        with contextlib.suppress(ValueError, OSError):  # only root may raise the hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, wanted))
+            hard = wanted
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

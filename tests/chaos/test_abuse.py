@@ -22,13 +22,13 @@ import pytest
 from app import zen
 
 from .load import LoadGenerator, Tally
-from .server import Server, open_server
+from .server import Server, open_server, raise_nofile
 
 pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
 #: A good client's answer must come within this, whatever the attack (generous: CI machines are noisy).
-GOOD_MAX_LATENCY = 2.0
+GOOD_MAX_LATENCY = 3.0
 #: The chaos server's timeouts (server.CHAOS_ENV), and the sweep's tick at most one second late.
 REQUEST_TIMEOUT = 3.0
 IDLE_TIMEOUT = 5.0
@@ -202,9 +202,17 @@ def _slowloris(server: Server, count: int, byte: bytes, every: float, limit: flo
 
 
 def test_slowloris_is_cut_by_the_request_timeout(server: Server, figures: dict[str, Any]) -> None:
-    with good_client(server) as load:
+    with good_client(server) as load, server.peak_rss() as peak:
+        base = server.rss()
         took, left = _slowloris(server, 300, b"B", every=2.0, limit=REQUEST_TIMEOUT + 4 * TICK)
-    figures["slowloris_300"] = {"closed_after_s": round(took, 2), "left_open": left, **_summary(load.tally)}
+    grew = peak[0] - base
+    figures["slowloris_300"] = {
+        "closed_after_s": round(took, 2),
+        "left_open": left,
+        "server_rss_growth_MiB": round(grew / MiB, 1),
+        **_summary(load.tally),
+    }
+    assert grew < 16 * MiB
     assert left == 0
     assert took <= REQUEST_TIMEOUT + 2 * TICK
     assert len(server.log.named("connection_closed", reason="request_timeout")) >= 300
@@ -232,6 +240,9 @@ def _readable(socks: list[socket.socket]) -> int:
 
 def test_idle_horde_of_10000(figures: dict[str, Any]) -> None:
     count = 10_000
+    # This process holds the client ends; the server (which inherits the limit) the other ends.
+    if raise_nofile(20_000) < count + 1000:
+        pytest.skip(f"RLIMIT_NOFILE cannot be raised to {count + 1000} here (not root, hard limit lower)")
     with open_server({"IDLE_TIMEOUT": "120", "BACKLOG": "4096"}) as server:
         base_rss = server.worker_rss()
         horde: list[socket.socket] = []
@@ -281,7 +292,8 @@ def _reset_storm(server: Server, count: int) -> None:
 def test_connect_and_reset_storm(server: Server, figures: dict[str, Any]) -> None:
     workers = {p.pid for p in server.workers()}
     count = 4000
-    with good_client(server) as load:
+    with good_client(server) as load, server.peak_rss() as peak:
+        base = server.rss()
         threads = [threading.Thread(target=_reset_storm, args=(server, count // 4)) for _ in range(4)]
         for t in threads:
             t.start()
@@ -290,7 +302,9 @@ def test_connect_and_reset_storm(server: Server, figures: dict[str, Any]) -> Non
     server.wait_for("every reset connection to be gone", lambda: server.connections() == 0, 15)
     assert {p.pid for p in server.workers()} == workers, "a worker died"
     server.assert_clean_log()
-    figures["reset_storm"] = {"connections": count, **_summary(load.tally)}
+    grew = peak[0] - base
+    figures["reset_storm"] = {"connections": count, "rss_growth_MiB": round(grew / MiB, 1), **_summary(load.tally)}
+    assert grew < 16 * MiB
 
 
 def test_half_closed_connections_get_every_answer(server: Server) -> None:
@@ -346,4 +360,4 @@ def test_half_open_connections_are_reaped(server: Server, figures: dict[str, Any
     reasons = {e["reason"] for e in seen}
     figures["half_open_100"] = {"reaped_after_s": round(took, 2), **_summary(load.tally)}
     assert reasons == {"idle_timeout", "request_timeout"}
-    assert took <= IDLE_TIMEOUT + 3 * TICK
+    assert took <= IDLE_TIMEOUT + 5 * TICK
