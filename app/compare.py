@@ -51,19 +51,26 @@ class ServerResult:
 
 
 def _measured_load(server: RunningServer, spec: bench.LoadSpec) -> dict[str, Any]:
+    """Run one load; add the server's CPU (cores) and how many of its processes did work."""
     marks: list[tuple[float, Tree]] = []
 
     def started() -> None:
         marks.append((time.monotonic(), server.tree()))
 
-    tally = bench.run_load(spec, on_start=started)
+    def progress(elapsed: float, _answers: int) -> None:
+        # Half-way, while per-connection children are still alive to be seen.
+        if len(marks) == 1 and elapsed >= spec.duration / 2:
+            marks.append((time.monotonic(), server.tree()))
+
+    tally = bench.run_load(spec, on_progress=progress, on_start=started)
     start, before = marks[0]
     elapsed = time.monotonic() - start
     after = server.tree()
     row = bench.summarize(spec, tally)
     row["cores"] = round((after.cpu - before.cpu) / elapsed, 2) if elapsed > 0 else 0.0
-    busy = [pid for pid, cpu in after.cpu_by_pid.items() if cpu - before.cpu_by_pid.get(pid, 0.0) > 0.05 * elapsed]
-    row["busy_processes"] = len(busy)
+    mid_time, mid = marks[-1]
+    floor = 0.05 * (mid_time - start)
+    row["busy_processes"] = sum(cpu - before.cpu_by_pid.get(pid, 0.0) > floor for pid, cpu in mid.cpu_by_pid.items())
     return row
 
 
@@ -145,6 +152,13 @@ def _yes(value: object) -> str:
     return "yes" if value else "**no**"
 
 
+def _per_connection(scenarios: dict[str, Any]) -> str:
+    """KiB per served connection, or n/a when too few were served for the number to mean anything."""
+    if scenarios["held_answered"] * 10 < scenarios["hold"]:
+        return "n/a"
+    return f"{scenarios['uss_per_connection'] / 1024:.1f}"
+
+
 def report_markdown(results: Sequence[ServerResult], args: argparse.Namespace, machine: dict[str, Any]) -> str:
     """The Markdown report: the machine, the loads, the scenarios, the plots."""
     lines = [
@@ -205,7 +219,7 @@ def report_markdown(results: Sequence[ServerResult], args: argparse.Namespace, m
             continue
         lines.append(
             f"| {r.name} | {_yes(s['second_client_while_one_idles'])} | {_yes(s['client_after_pool_of_idle'])} | "
-            f"{s['held_answered']} / {s['hold']} | {s['uss_per_connection'] / 1024:.1f} | "
+            f"{s['held_answered']} / {s['hold']} | {_per_connection(s)} | "
             f"{s['processes'][0]} -> {s['processes'][1]} | {s['threads'][0]} -> {s['threads'][1]} |"
         )
     lines += [
@@ -254,7 +268,7 @@ def write_plots(results: Sequence[ServerResult], out: Path) -> list[Path]:
     ax.set_xscale("log")
     paths.append(_save(fig, out / "latency.png"))
 
-    mem = [r for r in ok if r.scenarios]
+    mem = [r for r in ok if r.scenarios and _per_connection(r.scenarios) != "n/a"]
     if mem:
         fig, ax = plt.subplots(figsize=(9, 0.45 * len(mem) + 1.5), layout="constrained")
         values = [max(0.1, r.scenarios["uss_per_connection"] / 1024) for r in mem]
