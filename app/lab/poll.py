@@ -15,6 +15,7 @@ from __future__ import annotations
 import selectors
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from app import zen
@@ -121,6 +122,21 @@ def _accept_all(listener: socket.socket, sel: selectors.BaseSelector, conns: set
         conns.add(Conn(sock, sel, settings))
 
 
+def dispatch(events: list[tuple[selectors.SelectorKey, int]], accept: Callable[[], None]) -> None:
+    """Act on one batch of events; an event of a connection closed earlier in the batch is dropped.
+
+    The fix of the book's bug: the event names the :class:`Conn` it was
+    registered for (``key.data``), not a file descriptor that a connection
+    accepted earlier in this same batch may already have reused.
+    """
+    for key, mask in events:
+        conn: Conn | None = key.data
+        if conn is None:
+            accept()
+        elif not conn.closed:
+            conn.on_event(mask)
+
+
 def serve(settings: Settings, *, name: str, **_options: Any) -> int:
     """Serve forever (until SIGTERM) from one thread and one epoll set."""
     sel = selectors.DefaultSelector()
@@ -130,12 +146,7 @@ def serve(settings: Settings, *, name: str, **_options: Any) -> int:
         announce_ready(name, listener, settings, selector=type(sel).__name__)
         next_sweep = time.monotonic() + TICK
         while True:
-            for key, mask in sel.select(TICK):
-                conn: Conn | None = key.data
-                if conn is None:
-                    _accept_all(listener, sel, conns, settings)
-                elif not conn.closed:  # the fix: a stale event names its own, closed, Conn
-                    conn.on_event(mask)
+            dispatch(sel.select(TICK), lambda: _accept_all(listener, sel, conns, settings))
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + TICK
