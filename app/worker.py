@@ -400,7 +400,9 @@ class Worker:
         self.draining = True
         deadline = _monotonic() + self.settings.graceful_timeout
         self.log.info("worker_draining", connections=len(self.conns))
-        while self.conns and not self._quit and _monotonic() < deadline:
+        # ``pending``: accepted (the final accept above takes the whole queue)
+        # but not wrapped yet; leaving now would close them unanswered.
+        while (self.conns or self.pending) and not self._quit and _monotonic() < deadline:
             assert self._stop is not None
             self._stop.clear()
             self._close_quiet()

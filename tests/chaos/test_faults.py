@@ -88,6 +88,12 @@ def test_sigkill_one_worker_then_each_in_turn(figures: dict[str, Any]) -> None:
     assert queued_total > 0, "nothing was waiting in the backlog: the test proved nothing about it"
 
 
+def _assert_all_accounted(stopped: list[dict[str, Any]]) -> None:
+    """Every connection a worker accepted was closed by it, none left to die with the process."""
+    for event in stopped:
+        assert event["accepted"] == sum(event["closes"].values()) + event["aborted"], event
+
+
 def _wait_generation(server: Server, old: frozenset[int]) -> dict[int, int]:
     """Wait until both slots have a ready worker that is not in ``old``."""
 
@@ -98,27 +104,39 @@ def _wait_generation(server: Server, old: frozenset[int]) -> dict[int, int]:
     return dict(server.wait_for("a new generation of workers", fresh))
 
 
-def test_hup_three_times_in_a_row_loses_nothing(figures: dict[str, Any]) -> None:
+@pytest.mark.parametrize("back_to_back", [False, True], ids=["each-after-ready", "back-to-back"])
+def test_hup_three_times_in_a_row_loses_nothing(figures: dict[str, Any], back_to_back: bool) -> None:
     with open_server() as server, LoadGenerator(server.addr) as load:
         load.wait_answered(300)
-        seen = set(server.wait_workers(2).values())
-        first = set(seen)
-        for _ in range(3):
+        first = frozenset(server.wait_workers(2).values())
+        seen = set(first)
+        for n in range(1, 4):
             server.signal(signal.SIGHUP)
-            seen |= set(_wait_generation(server, frozenset(seen)).values())
-            load.wait_answered(200)
-        last = server.wait_workers(2, timeout=30)  # every old generation drained and exited
+            if back_to_back:
+                # The next reload starts before this one's workers are ready; wait
+                # only until the master took the signal (two pending HUPs merge).
+                server.wait_event("reloading", count=n)
+            else:
+                seen |= set(_wait_generation(server, frozenset(seen)).values())
+                load.wait_answered(200)
+        last = server.wait_workers(2, timeout=30, exclude=first)  # every old generation drained and exited
         load.wait_answered(200)
         tally = load.stop()
+        spawned = {e["pid"] for e in server.log.named("worker_spawned")}
         exited = server.log.named("worker_exited")
         stopped = server.log.named("worker_stopped")
-    retired = seen - set(last.values())
-    assert len(retired) == 6, f"expected three generations of two workers to retire, got {sorted(retired)}"
+    retired = spawned - set(last.values())
+    assert len(retired) == 6, f"expected the first two and two per reload but the last to retire: {sorted(retired)}"
     assert first <= retired
     assert {e["pid"] for e in exited} == retired
     assert all(e["code"] == 0 and e["expected"] for e in exited), exited
     assert all(e["aborted"] == 0 for e in stopped), "a drain cut a connection at GRACEFUL_TIMEOUT"
-    figures["hup_x3"] = {"answered": tally.answered, "server_closes": tally.server_closes, "lost": len(tally.failures)}
+    _assert_all_accounted(stopped)
+    figures["hup_x3_back_to_back" if back_to_back else "hup_x3"] = {
+        "answered": tally.answered,
+        "server_closes": tally.server_closes,
+        "lost": len(tally.failures),
+    }
     assert tally.failures == [], _lost_summary(tally)
 
 
@@ -139,6 +157,7 @@ def test_ttin_then_ttou_loses_nothing(figures: dict[str, Any], migrate_req: int)
             slot2 += server.log.named("worker_stopped", pid=added)
         tally = load.stop()
     assert [e["aborted"] for e in slot2] == [0, 0]
+    _assert_all_accounted(slot2)
     figures[f"ttin_ttou_x2_migrate_req_{migrate_req}"] = {
         "answered": tally.answered,
         "slot2_accepted": [e["accepted"] for e in slot2],
@@ -173,6 +192,7 @@ def test_sigterm_with_questions_in_flight_loses_nothing(figures: dict[str, Any])
     assert code == exits.OK
     assert len(stopped) == 2
     assert all(e["aborted"] == 0 for e in stopped)
+    _assert_all_accounted(stopped)
     figures["sigterm"] = {"answered": tally.answered, "lost": len(tally.failures), "refused_after": tally.down_refusals}
     assert tally.failures == [], _lost_summary(tally)
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import time
 import urllib.request
@@ -29,6 +30,8 @@ from .server import Server, free_port, open_server
 pytestmark = pytest.mark.slow
 
 QUESTION = b"Beautiful is better than?"
+#: Back-offs (10 ms doubling) until the pause reaches the 1 s cap: the window in which accept() waits.
+CAPPED = 8
 
 
 def _flood(server: Server, count: int) -> list[socket.socket]:
@@ -150,3 +153,44 @@ def test_emfile_backs_off_keeps_serving_and_recovers(figures: dict[str, Any]) ->
     assert events <= 2 * (1 + elapsed / worker.BACKOFF_LOG_EVERY)
     assert cpu < 1.0, f"workers burnt {cpu:.2f} s of CPU in 3 s of EMFILE: spinning"
     assert recovered < worker.BACKOFF_CAP + 5
+
+
+def _split_answered(socks: list[socket.socket], timeout: float) -> tuple[list[socket.socket], list[socket.socket]]:
+    held = _answered(socks, timeout)
+    return held, [s for s in socks if s not in held]
+
+
+def test_term_while_accept_backs_off_serves_the_queue(figures: dict[str, Any]) -> None:
+    """TERM while accept() is backed off on EMFILE and no connection is held: the queue is still served.
+
+    The drain's final accept takes the whole queue at once, before any of
+    it is wrapped in a connection: a drain that only waited for wrapped
+    connections returned at once and closed these with the process (seen
+    as an EOF after the first answer under back-to-back HUPs).
+    """
+    admin = free_port()
+    env = {"IDLE_TIMEOUT": "60", "MAX_CONNECTIONS": "5000", "ADMIN_PORT": str(admin)}
+    with open_server(env, nofile=128) as server:
+        held, waiting = _split_answered(_flood(server, 300), 5)
+        server.wait_for("the back-off near its cap", lambda: _metric(admin, "zen_accept_backoffs_total") >= 2 * CAPPED)
+        for sock in held:  # no connection left: only the queue, which accept() has not taken
+            sock.close()
+        server.signal(signal.SIGTERM)
+        lost = 0
+        for sock in waiting:  # each asks a second question on the connection it was queued with
+            sock.settimeout(15)
+            try:
+                assert sock.recv(16) == b"Ugly."
+                sock.sendall(b"Simple is better than?")
+                assert sock.recv(16) == b"Complex."
+            except (OSError, AssertionError):
+                lost += 1
+            sock.close()
+        code = server.wait_exit(30)
+        stopped = server.log.named("worker_stopped")
+    figures["term_during_emfile_backoff"] = {"queued": len(waiting), "lost": lost}
+    assert code == 0
+    assert waiting, "nothing was queued: the test proved nothing"
+    assert lost == 0
+    for event in stopped:  # every connection accepted was served and closed, none left untracked
+        assert event["accepted"] == sum(event["closes"].values()) + event["aborted"], event
