@@ -29,6 +29,7 @@ import asyncio
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Self
 
@@ -151,15 +152,29 @@ class LoadGenerator:
         self.down_since = time.monotonic()
 
     def answered(self) -> int:
-        with self._lock:
-            return self.tally.answered
+        return self.tally.answered  # an int read is atomic; the lock guards the writers' updates
 
     def wait_answered(self, count: int, timeout: float = 20.0) -> None:
         """Wait until ``count`` more questions than now were answered (the load is flowing)."""
         target = self.answered() + count
+        self._wait("load flowing", lambda: self.answered() >= target, timeout)
+
+    def wait_for_failures(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until at least ``count`` failures were counted."""
+        self._wait(f"{count} failures", lambda: len(self.tally.failures) >= count, timeout)
+
+    def wait_for_down_refusals(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``count`` more connects than now were refused after :meth:`mark_down`."""
+        target = self.tally.down_refusals + count
+        self._wait(f"{count} refusals", lambda: self.tally.down_refusals >= target, timeout)
+
+    def _wait(self, what: str, cond: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.answered() < target:
-            assert time.monotonic() < deadline, f"load not flowing: {self.tally.summary()}"
+        while True:
+            with self._lock:
+                if cond():
+                    return
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.tally.summary()}"
             assert self._thread.is_alive(), "load generator died"
             time.sleep(0.02)
 
