@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,8 +78,21 @@ def wait_status(port: int, path: str, expected: int, timeout: float = 10.0) -> b
         time.sleep(0.05)
 
 
+_DIRS: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_metric_dirs() -> Iterator[None]:
+    yield
+    for path in _DIRS:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def admin_env(**extra: str) -> dict[str, str]:
-    return {"ADMIN_PORT": str(free_port()), "WORKERS": "2", **extra}
+    # A directory of our own: the clean-up SIGKILLs the master, which then
+    # cannot remove a temporary one it made.
+    _DIRS.append(tempfile.mkdtemp(prefix="zen-metrics-test-"))
+    return {"ADMIN_PORT": str(free_port()), "WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": _DIRS[-1], **extra}
 
 
 def test_counts_over_all_workers() -> None:
@@ -236,7 +251,7 @@ def test_multiproc_dir_is_cleaned_at_start_and_a_temporary_one_removed_at_exit(t
         assert server_dir(server) == str(given)
         assert not (given / "counter_999999.db").exists()
         assert (given / "README").exists()
-    with start_server(admin_env()) as server:
+    with start_server(admin_env(PROMETHEUS_MULTIPROC_DIR="")) as server:  # "": the master makes one
         made = Path(server_dir(server))
         assert made.is_dir()
         server.signal(signal.SIGTERM)

@@ -103,6 +103,8 @@ class Lab:
             "PROXY_TRUSTED": f"{LB}/32",
             "ADMIN_PORT": str(ADMIN_PORT),  # loopback of the server's own namespace
             "GRACEFUL_TIMEOUT": "3",
+            # in the test's own directory: a SIGKILLed master cannot remove a temporary one
+            "PROMETHEUS_MULTIPROC_DIR": str(self.tmp / f"metrics-{name}-{len(self.servers)}"),
         }
         server = NsServer(name, env)
         self.servers[name] = server
@@ -300,6 +302,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) 
 
 def test_health_checks_arrive_as_proxy_v2_local(lab: Lab) -> None:
     lab.all_up()
+    assert ask_through_lb(6)["ok"] == 6  # leastconn round-robins: zen1 relays some of these
     server = lab.servers["zen1"]
 
     def checked() -> bool:
@@ -309,9 +312,12 @@ def test_health_checks_arrive_as_proxy_v2_local(lab: Lab) -> None:
         )
 
     wait_until(checked, "a health check (LOCAL header, the LB's own address) answered by zen1")
-    scrape = sh(*in_ns("zen1", sys.executable, "-c", SCRAPE, str(ADMIN_PORT)))
-    assert 'zen_proxy_headers_total{command="LOCAL"}' in scrape.stdout
-    assert 'zen_proxy_headers_total{command="PROXY"}' in scrape.stdout
+
+    def scraped() -> bool:  # workers flush their counters once a second
+        text = sh(*in_ns("zen1", sys.executable, "-c", SCRAPE, str(ADMIN_PORT))).stdout
+        return 'zen_proxy_headers_total{command="LOCAL"}' in text and 'zen_proxy_headers_total{command="PROXY"}' in text
+
+    wait_until(scraped, "zen1's /metrics counting LOCAL (checks) and PROXY (clients) headers")
 
 
 SCRAPE = (
