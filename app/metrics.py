@@ -177,7 +177,10 @@ class WorkerMetrics:
         get, unknown, mark = zen.APHORISMS.get, zen.UNKNOWN, UNKNOWN_MARK
 
         def answers(questions: list[bytes]) -> bytes:
-            out = b"".join(map(get, questions, repeat(unknown, len(questions))))
+            if len(questions) == 1:
+                out = get(questions[0], unknown)
+            else:
+                out = b"".join(map(get, questions, repeat(unknown, len(questions))))
             if mark in out:
                 stats.unknown += out.count(unknown)
             return out

@@ -22,6 +22,7 @@ from typing import Final
 DEFAULT_MAX_QUESTION: Final = 1024
 
 _WHITESPACE: Final = frozenset(b" \t\r\n")
+_MARK: Final = ord("?")
 _NOT_WHITESPACE: Final = re.compile(rb"[^ \t\r\n]")
 #: One question with the whitespace before it: the pipelined fast path.
 _QUESTION: Final = re.compile(rb"[ \t\r\n]*+([^?]*+\?)")
@@ -65,10 +66,26 @@ class QuestionReader:
             self._buf = self._buf[self._pos :] + data
             self._pos = 0
 
+    def feed(self, data: bytes, limit: int = 1 << 30) -> list[bytes]:
+        """:meth:`receive_data` then :meth:`next_questions`, in one call (the hot path)."""
+        if data and not self._buf and not self.too_long and not self.eof:
+            self._buf = data
+        else:
+            self.receive_data(data)
+        return self.next_questions(limit)
+
+    @property
+    def buffered(self) -> bool:
+        """True while any byte is held (an unfinished question, or questions not taken yet)."""
+        return bool(self._buf)
+
     def next_questions(self, limit: int = 1 << 30) -> list[bytes]:
         """Return up to ``limit`` complete questions, in order, each with its ``?``."""
         buf, pos = self._buf, self._pos
         count = buf.count(b"?", pos)
+        if count == 1 and not pos and buf[-1] == _MARK and buf[0] not in _WHITESPACE and len(buf) <= self.max_size:
+            self._buf = b""  # the common case: the data is exactly one question
+            return [buf]
         if 1 < count <= limit:
             # Pipelined: let the regex engine cut every question in one C call.
             last = buf.rfind(b"?") + 1
@@ -106,7 +123,7 @@ class QuestionReader:
     @property
     def partial(self) -> bytes:
         """The buffered bytes not yet taken as questions (may hold complete ones)."""
-        return self._buf[self._pos :]
+        return self._buf[self._pos :] if self._pos else self._buf
 
     @property
     def started(self) -> bool:

@@ -54,7 +54,6 @@ LINGER_QUIET: Final = 1.0
 LINGER_MAX: Final = 5.0
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-_answers = zen.answers
 _monotonic = time.monotonic
 
 
@@ -138,25 +137,36 @@ class Connection(asyncio.Protocol):
         self.last_rx = _monotonic()
         if self.closing:
             return  # lingering: discard
-        self.reader.receive_data(data)
-        self._answer()
+        self._answer(data)
 
-    def _answer(self) -> None:
+    def _answer(self, data: bytes = b"") -> None:
+        """Answer what is complete (after taking ``data`` in), then act on the reader's state."""
         reader = self.reader
         write = self.transport.write
-        before = self.answered
-        while not self.paused:
-            questions = reader.next_questions(ANSWER_BATCH)
-            if not questions:
-                break
-            out = self.worker.answers(questions)
+        answers = self.worker.answers
+        answered = 0
+        if data:
+            questions = reader.feed(data, ANSWER_BATCH)
+        else:
+            questions = [] if self.paused else reader.next_questions(ANSWER_BATCH)
+        while questions:
+            out = answers(questions)
             write(out)
-            self.answered += len(questions)
+            answered += len(questions)
             self.bytes_out += len(out)
-            if len(questions) < ANSWER_BATCH:
+            if len(questions) < ANSWER_BATCH or self.paused:
                 break
-        if self.answered != before or reader.partial:
+            questions = reader.next_questions(ANSWER_BATCH)
+        partial = reader.buffered
+        if answered:
+            self.answered += answered
             self.active = self.last_rx
+            # A question left unfinished began in this data.
+            self.started_at = self.last_rx if partial else None
+        elif partial:
+            self.active = self.last_rx
+            if self.started_at is None:
+                self.started_at = self.last_rx
         if self.paused:
             return
         if reader.too_long:
@@ -165,11 +175,6 @@ class Connection(asyncio.Protocol):
             self._linger("too_long")
         elif reader.eof:
             self.close("eof")
-        elif reader.partial:
-            if self.started_at is None or self.answered != before:
-                self.started_at = self.last_rx  # a new question began in this data
-        else:
-            self.started_at = None
 
     def eof_received(self) -> bool:
         if self.lingering:
