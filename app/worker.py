@@ -1,9 +1,9 @@
 """One worker: one event loop accepting on one listening socket.
 
 Owns: accepting (with a connection cap and a capped back-off on EMFILE),
-the per-connection I/O shell over ``protocol.QuestionReader`` (timeouts,
-size limit, backpressure), one canonical log event per connection, and the
-graceful drain.
+the set of open connections (``connection.Connection``), their timeouts
+(one periodic sweep), one canonical log event per connection, the worker's
+counters, and the graceful drain.
 
 Never: binds sockets (``listener``), reads the environment (``config``) or
 manages other processes (``master``).  It does not rely on
@@ -28,14 +28,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from app import exits, proxy, zen
 from app.config import Settings
-from app.protocol import QuestionReader, printable
+from app.connection import LINGER_MAX, LINGER_QUIET, Connection, ProxiedConnection, format_peer
 
 if TYPE_CHECKING:
     from app.metrics import WorkerMetrics
 
-#: Answers written per batch before checking backpressure again; a batch of
-#: unknown-aphorism errors is at most 256 * 24 = 6 KiB.
-ANSWER_BATCH: Final = 256
 #: Accepts per readiness event, so a connection storm cannot starve reads.
 ACCEPT_BATCH: Final = 64
 #: EMFILE back-off: first pause, cap, and how often the event is logged.
@@ -46,23 +43,9 @@ BACKOFF_LOG_EVERY: Final = 5.0
 #: connection: no per-request cost, and a deadline fires at most one tick late.
 TICK_MAX: Final = 1.0
 TICK_DRAINING: Final = 0.05
-#: After "request too long" the answer must survive although the client may
-#: still be sending: closing with unread input makes Linux send a reset that
-#: destroys it.  So: answer, shut down our side, discard input until EOF,
-#: a quiet second, or LINGER_MAX (nginx's lingering close).
-LINGER_QUIET: Final = 1.0
-LINGER_MAX: Final = 5.0
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _monotonic = time.monotonic
-
-
-def format_peer(peer: Any) -> str:
-    """``host:port`` of an address tuple (``[v6]:port``); strings pass through."""
-    if isinstance(peer, tuple):
-        host = peer[0]
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    return str(peer)
 
 
 class Stats:
@@ -86,244 +69,6 @@ class Stats:
         self.accept_backoffs = 0
         self.closes: dict[str, int] = {}
         self.proxy_headers: dict[str, int] = {}  # accepted PROXY headers by command
-
-
-class Connection(asyncio.Protocol):
-    """The I/O shell of one client connection."""
-
-    __slots__ = (
-        "active",
-        "answered",
-        "bytes_in",
-        "bytes_out",
-        "closing",
-        "last_rx",
-        "lingering",
-        "opened",
-        "paused",
-        "peer",
-        "reader",
-        "reason",
-        "started_at",
-        "transport",
-        "worker",
-    )
-
-    def __init__(self, worker: Worker, peer: Any) -> None:
-        self.worker = worker
-        self.reader = QuestionReader(worker.settings.max_request_bytes)
-        self.transport: Any = None
-        self.peer = peer  # accept()'s address tuple; formatted only when logged
-        self.answered = self.bytes_in = self.bytes_out = 0
-        self.opened = self.last_rx = _monotonic()
-        # The idle clock: last progress (bytes of a question, or answers).
-        # Whitespace alone does not restart it: it is skipped before a
-        # question, so a client trickling newlines would hold a connection for ever.
-        self.active = self.opened
-        self.started_at: float | None = None  # when the unfinished question began
-        self.paused = False
-        self.closing = False
-        self.lingering = 0.0  # when the lingering close began; 0 = not lingering
-        self.reason: str | None = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        high = self.worker.settings.max_unsent_bytes
-        transport.set_write_buffer_limits(high=high, low=high // 4)
-        self.worker.connection_made(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        self.last_rx = _monotonic()
-        if self.closing:
-            return  # lingering: discard
-        self._answer(data)
-
-    def _answer(self, data: bytes = b"") -> None:
-        """Answer what is complete (after taking ``data`` in), then act on the reader's state."""
-        reader = self.reader
-        write = self.transport.write
-        answers = self.worker.answers
-        answered = 0
-        if data:
-            questions = reader.feed(data, ANSWER_BATCH)
-        else:
-            questions = [] if self.paused else reader.next_questions(ANSWER_BATCH)
-        while questions:
-            out = answers(questions)
-            write(out)
-            answered += len(questions)
-            self.bytes_out += len(out)
-            if len(questions) < ANSWER_BATCH or self.paused:
-                break
-            questions = reader.next_questions(ANSWER_BATCH)
-        partial = reader.buffered
-        if answered:
-            self.answered += answered
-            self.active = self.last_rx
-            # A question left unfinished began in this data.
-            self.started_at = self.last_rx if partial else None
-        elif partial:
-            self.active = self.last_rx
-            if self.started_at is None:
-                self.started_at = self.last_rx
-        if self.paused:
-            return
-        if reader.too_long:
-            write(zen.TOO_LONG)
-            self.bytes_out += len(zen.TOO_LONG)
-            self._linger("too_long")
-        elif reader.eof:
-            self.close("eof")
-
-    def eof_received(self) -> bool:
-        if self.lingering:
-            return False  # the client is done: close now
-        self.reader.receive_data(b"")
-        self._answer()
-        return True  # we close ourselves once every answer is queued
-
-    def pause_writing(self) -> None:
-        self.paused = True
-        self.worker.stats.backpressure_pauses += 1
-        self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        # The client reads again: progress.  While paused, the unread input
-        # waited on us, not on the client, so the request clock restarts too.
-        self.paused = False
-        self.last_rx = _monotonic()
-        if self.started_at is not None:
-            self.started_at = self.last_rx
-        self._answer()
-        if not self.paused and not self.closing:
-            self.transport.resume_reading()
-
-    def close(self, reason: str) -> None:
-        """Close after the queued answers are sent."""
-        if not self.closing:
-            self.closing = True
-            self.reason = reason
-            self.last_rx = _monotonic()
-            self.transport.close()
-
-    def _linger(self, reason: str) -> None:
-        """Send what is queued and a FIN, then discard input until the client is done."""
-        self.closing = True
-        self.reason = reason
-        self.lingering = self.last_rx = _monotonic()
-        self.transport.write_eof()
-
-    def expire(self, reason: str) -> None:
-        """Close for a timeout: politely if nothing is unsent, else at once."""
-        if self.transport.get_write_buffer_size() == 0:
-            self.close(reason)
-        else:
-            self.abort(reason)
-
-    def abort(self, reason: str) -> None:
-        """Close now, dropping unsent answers."""
-        if self.reason is None or not self.closing:
-            self.reason = reason
-        self.closing = True
-        self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        reason = self.reason or ("reset" if exc is not None else "eof")
-        fields: dict[str, Any] = {}
-        if self.reader.partial and reason != "too_long":
-            fields["unfinished"] = printable(self.reader.partial)
-        self.worker.connection_lost(self, reason, fields)
-
-    def idle(self) -> bool:
-        """True between questions with every answer sent: safe to close in a drain."""
-        return not self.reader.partial and not self.paused and self.transport.get_write_buffer_size() == 0
-
-
-class ProxiedConnection(Connection):
-    """A connection from a load balancer: a PROXY header stage, then the questions.
-
-    The worker picks this class at construction when PROXY_PROTOCOL is not
-    off, so the plain :class:`Connection`'s hot path is untouched.  A peer
-    outside PROXY_TRUSTED is closed at once (the spec forbids guessing
-    whether a header is there, so nobody else may connect); a missing or
-    malformed header closes the connection; each is logged in the
-    ``connection_closed`` line (reason ``proxy_*``, ``proxy_error``).  The
-    header counts as a started request: it must arrive within
-    REQUEST_TIMEOUT.  The header's client address becomes :attr:`peer`; the
-    load balancer's goes to :attr:`via`.
-    """
-
-    __slots__ = ("header", "proxy_error", "via")
-
-    def __init__(self, worker: Worker, peer: Any) -> None:
-        super().__init__(worker, peer)
-        self.header: bytes | None = b""  # the header's bytes so far; None once parsed
-        self.via: Any = None
-        self.proxy_error: str | None = None
-        self.started_at = self.opened
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        host = self.peer[0] if isinstance(self.peer, tuple) else None
-        if not proxy.is_trusted(host, self.worker.proxy_trusted):
-            self._reject("proxy_untrusted", "peer not in PROXY_TRUSTED")
-
-    def data_received(self, data: bytes) -> None:
-        if self.header is None:
-            Connection.data_received(self, data)
-        elif not self.closing:
-            self._header_data(data)
-        else:
-            self.bytes_in += len(data)
-
-    def _header_data(self, data: bytes) -> None:
-        buf = self.header + data if self.header else data
-        self.last_rx = _monotonic()
-        try:
-            header = proxy.parse_header(buf, self.worker.proxy_versions)
-        except proxy.ProxyHeaderError as exc:
-            self.bytes_in += len(data)
-            missing = isinstance(exc, proxy.MissingProxyHeaderError)
-            self._reject("proxy_missing" if missing else "proxy_invalid", str(exc))
-            return
-        if header is None:
-            self.bytes_in += len(data)
-            self.header = buf
-            return
-        self.bytes_in += header.length - (len(buf) - len(data))
-        self.header = None
-        commands = self.worker.stats.proxy_headers
-        commands[header.command] = commands.get(header.command, 0) + 1
-        if header.source is not None:
-            self.via, self.peer = self.peer, header.source
-        rest = buf[header.length :]
-        if rest:
-            Connection.data_received(self, rest)
-        else:
-            self.started_at = None
-
-    def _reject(self, reason: str, error: str) -> None:
-        self.proxy_error = error
-        self.close(reason)
-
-    def eof_received(self) -> bool:
-        if self.header and not self.closing:
-            self._reject("proxy_invalid", "end of stream inside the PROXY header")
-            return True
-        return super().eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        reason = self.reason or ("reset" if exc is not None else "eof")
-        fields: dict[str, Any] = {}
-        if self.via is not None:
-            fields["via"] = format_peer(self.via)
-        if self.proxy_error is not None:
-            fields["proxy_error"] = self.proxy_error
-        partial = self.header or self.reader.partial
-        if partial and reason != "too_long":
-            fields["unfinished"] = printable(partial)
-        self.worker.connection_lost(self, reason, fields)
 
 
 class Worker:
