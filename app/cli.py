@@ -64,7 +64,10 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
     from app.client import check  # noqa: PLC0415
 
     healthy, message = check(
-        args.host or settings.host, args.port or settings.port, timeout=args.timeout or settings.check_timeout
+        args.host or settings.host,
+        args.port or settings.port,
+        timeout=args.timeout or settings.check_timeout,
+        proxy_protocol=settings.proxy_protocol,
     )
     print(message, file=sys.stdout if healthy else sys.stderr)
     return exits.OK if healthy else exits.UNHEALTHY

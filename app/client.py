@@ -78,11 +78,29 @@ def ask(host: str, port: int, questions: Iterable[bytes], *, timeout: float = 5.
         return [client.ask(q) for q in questions]
 
 
-def check(host: str, port: int, *, timeout: float) -> tuple[bool, str]:
+def probe_preamble(proxy_protocol: str) -> bytes:
+    """What a probe sends first when the server requires a PROXY header.
+
+    A v2 ``LOCAL`` header (what HAProxy's own health checks send) or v1's
+    ``PROXY UNKNOWN``: the server accepts either from a trusted peer and
+    keeps the connection's real address.
+    """
+    from app import proxy  # noqa: PLC0415 - only with PROXY_PROTOCOL on
+
+    if proxy_protocol == "off":
+        return b""
+    if proxy_protocol == "v1":
+        return proxy.v1_line(None, None)
+    return proxy.v2_header(None, None)
+
+
+def check(host: str, port: int, *, timeout: float, proxy_protocol: str = "off") -> tuple[bool, str]:
     """Health probe: ask the probe question; (healthy, what happened)."""
     start = time.monotonic()
     try:
-        got = ask(connect_host(host), port, [zen.PROBE_QUESTION], timeout=timeout)[0]
+        with ZenClient(connect_host(host), port, timeout=timeout) as client:
+            client.send(probe_preamble(proxy_protocol))
+            got = client.ask(zen.PROBE_QUESTION)
     except (OSError, ValueError) as exc:
         return False, f"unhealthy: {type(exc).__name__}: {exc}"
     elapsed = (time.monotonic() - start) * 1000

@@ -270,3 +270,14 @@ def test_help_lists_the_subcommands() -> None:
     result = run_app({}, "--help")
     for command in ("serve", "client", "config", "check"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2", "any"])
+def test_check_speaks_proxy_when_the_server_requires_it(mode: str) -> None:
+    env = {"PROXY_PROTOCOL": mode, "WORKERS": "1"}
+    with start_server(env) as server:
+        port = {"PORT": str(server.port)}
+        check = run_app({**env, **port}, "check")
+        assert check.returncode == 0, check.stderr
+        plain = run_app({**port, "PROXY_PROTOCOL": "off"}, "check", "--timeout", "2")
+        assert plain.returncode == exits.UNHEALTHY  # no header: the server closes, as it must
