@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 APP = Path(__file__).resolve().parents[2] / "app"
 #: The modules that receive client bytes.
-CLIENT_FACING = ("protocol.py", "zen.py", "worker.py", "logs.py", "proxy.py")
+CLIENT_FACING = ("protocol.py", "zen.py", "connection.py", "worker.py", "logs.py", "proxy.py")
 FORBIDDEN_BUILTINS = frozenset({"eval", "exec", "compile", "__import__"})
 FORBIDDEN_MODULES = frozenset({"subprocess", "pickle", "marshal", "shlex", "pty"})
 FORBIDDEN_OS = frozenset({"system", "popen", "execv", "execve", "execvp", "spawnv", "spawnl", "posix_spawn", "fork"})
