@@ -35,12 +35,13 @@ def free_port() -> int:
 class ServerProcess:
     """A running ``python -m app`` whose stdout JSON lines are collected as events."""
 
-    def __init__(self, env: Mapping[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(self, env: Mapping[str, str], args: tuple[str, ...] = (), *, wrapper: tuple[str, ...] = ()) -> None:
+        """Start ``wrapper + python -m app + args`` (a wrapper such as ``ip netns exec NS`` must exec)."""
         self.events: list[Event] = []
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", *args],
+            [*wrapper, sys.executable, "-m", "app", *args],
             cwd=REPO,
             env={**os.environ, "LOG_FORMAT": "json", **env},
             stdin=subprocess.DEVNULL,

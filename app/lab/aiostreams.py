@@ -15,7 +15,7 @@ from typing import Any
 
 from app import zen
 from app.config import Settings
-from app.lab.shell import LINGER_BYTES, LINGER_SECONDS, RECV_SIZE, announce_ready, open_listener
+from app.lab.shell import LINGER_BYTES, LINGER_SECONDS, RECV_SIZE, announce_ready, open_listener, run_asyncio
 from app.protocol import QuestionReader
 
 
@@ -69,10 +69,4 @@ async def _main(settings: Settings, name: str) -> None:
 
 def serve(settings: Settings, *, name: str, uvloop: bool = False, **_options: Any) -> int:
     """Serve forever (until SIGTERM) on the stock loop or uvloop."""
-    if uvloop:
-        import uvloop as _uvloop  # noqa: PLC0415
-
-        _uvloop.run(_main(settings, name))
-    else:
-        asyncio.run(_main(settings, name))
-    return 0
+    return run_asyncio(_main(settings, name), uvloop=uvloop)

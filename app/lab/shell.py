@@ -11,9 +11,11 @@ module shows, and the only thing in which they differ.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
+from collections.abc import Coroutine
 from typing import Any, Final
 
 from app import logs, zen
@@ -100,3 +102,14 @@ def linger_close(conn: socket.socket) -> None:
             discarded += len(data)
     except OSError:
         return
+
+
+def run_asyncio(main: Coroutine[Any, Any, None], *, uvloop: bool) -> int:
+    """Run an asyncio lab server's ``main`` on the stock loop or on uvloop; returns 0."""
+    if uvloop:
+        import uvloop as _uvloop  # noqa: PLC0415 - only the uvloop variants load it
+
+        _uvloop.run(main)
+    else:
+        asyncio.run(main)
+    return 0

@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -62,19 +61,7 @@ class NsServer(ServerProcess):
     """``python -m app`` inside a host's namespace (``ip netns exec`` execs: the PID is the master's)."""
 
     def __init__(self, host: str, env: dict[str, str]) -> None:
-        self.events = []
-        self.lines = []
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(
-            in_ns(host, sys.executable, "-m", "app"),
-            cwd=REPO,
-            env={**os.environ, "LOG_FORMAT": "json", **env},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(env, wrapper=tuple(in_ns(host)))
         self.port = PORT
 
     def client_closes(self) -> list[dict[str, object]]:
