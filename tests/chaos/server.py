@@ -21,7 +21,6 @@ import contextlib
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from typing import Any
 
 import orjson
 import psutil
+
+from tests.server import free_port
 
 Event = dict[str, Any]
 
@@ -49,13 +50,6 @@ CHAOS_ENV: dict[str, str] = {
     "DRAIN_QUIET": "1",
 }
 START_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def raise_nofile(wanted: int) -> int:

@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 
 from app import config, worker
+from tests.server import free_port
 
-from .server import Server, free_port, open_server
+from .server import Server, open_server
 
 pytestmark = pytest.mark.slow
 

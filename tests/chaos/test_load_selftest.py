@@ -20,9 +20,9 @@ import pytest
 
 from app import zen
 from app.protocol import QuestionReader
+from tests.server import free_port
 
 from .load import LoadGenerator, Tally
-from .server import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -26,8 +26,9 @@ import psutil
 import pytest
 
 from app import zen
+from tests.server import free_port
 
-from .server import Server, free_port, open_server
+from .server import Server, open_server
 
 pytestmark = pytest.mark.slow
 

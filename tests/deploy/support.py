@@ -10,7 +10,6 @@ talks to anything but 127.0.0.1.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,14 +25,6 @@ QUESTION = zen.PROBE_QUESTION
 ANSWER = zen.PROBE_ANSWER
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_for(what: str, probe: Callable[[], T | None], *, timeout: float, interval: float = 0.1) -> T:

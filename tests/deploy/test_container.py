@@ -20,7 +20,8 @@ import pytest
 from app.client import ZenClient
 from tests.deploy.podman import Podman as PodmanCli
 from tests.deploy.podman import PodmanUnavailableError, ensure_rootfs_tarball, open_podman, pip_build_args
-from tests.deploy.support import ANSWER, REPO, free_port, wait_answer, wait_for
+from tests.deploy.support import ANSWER, REPO, wait_answer, wait_for
+from tests.server import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BASE = "localhost/zen-test-base:bookworm"

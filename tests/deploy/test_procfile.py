@@ -21,7 +21,8 @@ from typing import IO, Any
 import psutil
 import pytest
 
-from tests.deploy.support import ANSWER, REPO, VENV_BIN, free_port, wait_answer, wait_for
+from tests.deploy.support import ANSWER, REPO, VENV_BIN, wait_answer, wait_for
+from tests.server import free_port
 
 pytestmark = pytest.mark.slow
 HEROKU_KILL_AFTER = 30.0

@@ -26,7 +26,8 @@ import psutil
 import pytest
 
 from app.client import ZenClient
-from tests.deploy.support import ANSWER, REPO, VENV, VENV_BIN, free_port, wait_answer, wait_for
+from tests.deploy.support import ANSWER, REPO, VENV, VENV_BIN, wait_answer, wait_for
+from tests.server import free_port
 
 pytestmark = pytest.mark.slow
 PROGRAM = "zen-server"
