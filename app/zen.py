@@ -45,8 +45,3 @@ def answers(questions: list[bytes]) -> bytes:
     if len(questions) == 1:
         return _get(questions[0], UNKNOWN)
     return b"".join(map(_get, questions, repeat(UNKNOWN, len(questions))))
-
-
-def is_known(question: bytes) -> bool:
-    """True when ``question`` is in the table."""
-    return question in APHORISMS
