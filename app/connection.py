@@ -83,9 +83,14 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        if self.peer is None:  # accepted by libuv, not by the worker
+            self.peer = transport.get_extra_info("peername")
         high = self.worker.settings.max_unsent_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
-        self.worker.connection_made(self)
+        if not self.worker.connection_made(self):
+            self.closing = True
+            self.reason = "over_capacity"
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)

@@ -15,6 +15,7 @@ is why the master keeps every slot's socket for its whole life.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -55,3 +56,13 @@ def bind_slots(host: str, port: int, count: int, *, backlog: int) -> list[socket
 def tune_accepted(sock: socket.socket) -> None:
     """Options of an accepted connection: no Nagle delay on small answers."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def queue_limit(backlog: int) -> int:
+    """The most connections a listener's accept queue holds: ``backlog`` capped by somaxconn."""
+    try:
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text(encoding="ascii"))
+    except (OSError, ValueError):  # not Linux: trust the backlog
+        somaxconn = backlog
+    # Linux admits one more than the backlog (sk_acceptq_is_full uses ">").
+    return min(backlog, somaxconn) + 1

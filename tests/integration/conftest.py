@@ -61,12 +61,17 @@ async def _call(func: Callable[[], Any]) -> Any:
 
 
 FAST = Settings(request_timeout=5.0, idle_timeout=10.0, graceful_timeout=5.0, drain_quiet=0.2, max_connections=1000)
+#: The two ways a worker accepts (worker.NATIVE_ENTER): libuv while far below
+#: the cap, its own accept loop near it (two headrooms of 64 connections).
+NATIVE = FAST.replace(max_connections=10_000)
+OWN = FAST.replace(max_connections=100)
+ACCEPT_MODES = {"native": NATIVE, "own": OWN}
 
 
 @contextmanager
 def run_worker(settings: Settings = FAST) -> Iterator[RunningWorker]:
     """Serve on 127.0.0.1:0 in a thread until the block ends, then drain."""
-    sock = bind_socket("127.0.0.1", 0, backlog=128, reuse_port=False)
+    sock = bind_socket("127.0.0.1", 0, backlog=settings.backlog, reuse_port=False)
     port = sock.getsockname()[1]
     log = EventLog()
     ready = threading.Event()
@@ -85,7 +90,9 @@ def run_worker(settings: Settings = FAST) -> Iterator[RunningWorker]:
         loop.close()
 
 
-@pytest.fixture
-def worker() -> Iterator[RunningWorker]:
-    with run_worker() as running:
+@pytest.fixture(params=sorted(ACCEPT_MODES))
+def worker(request: pytest.FixtureRequest) -> Iterator[RunningWorker]:
+    """A worker in each accept mode."""
+    with run_worker(ACCEPT_MODES[request.param]) as running:
+        assert (running.worker.native is not None) == (request.param == "native")
         yield running

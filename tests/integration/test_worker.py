@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ import pytest
 from app import zen
 from app.client import ZenClient
 from tests.conformance import CASES, Case, check_case, recv_exactly, recv_until_eof
-from tests.integration.conftest import FAST, RunningWorker, run_worker
+from tests.integration.conftest import FAST, NATIVE, RunningWorker, run_worker
 
 Q1, A1 = zen.PROBE_QUESTION, zen.PROBE_ANSWER
 
@@ -190,3 +191,52 @@ def test_graceful_stop_finishes_question_in_progress() -> None:
         idle.close()
         reasons = [e["reason"] for e in w.log.events if e["event"] == "connection_closed"]
         assert reasons.count("shutdown") == 2
+
+
+def test_accept_mode_follows_the_distance_to_the_cap() -> None:
+    """libuv accepts while two headrooms fit below the cap; the worker's own loop near it; back again."""
+    with run_worker(FAST.replace(max_connections=20)) as w:
+        assert w.worker.native is None  # 20 connections leave no room for two headrooms of 64
+        w.worker.accept_headroom = 5  # own from 15 connections, libuv below 10
+        w.call(w.worker._switch_accept_mode)
+        assert w.worker.native is not None
+        clients = []
+        for _ in range(20):
+            client = ZenClient(w.host, w.port, timeout=5)
+            assert client.ask(Q1) == A1
+            clients.append(client)
+        event = w.log.wait_for("accept_mode", lambda e: not e["native"] and e["connections"])
+        assert event["connections"] == 15
+        late = ZenClient(w.host, w.port, timeout=0.5)  # the 21st waits in the queue: the cap is exact
+        late.send(Q1)
+        with pytest.raises(TimeoutError):
+            late.read_answers(1)
+        for client in clients[:11]:
+            client.close()
+        late.sock.settimeout(5)
+        assert late.read_answers(1) == [A1]
+        w.log.wait_for("accept_mode", lambda e: e["native"] and e["connections"])
+        assert w.call(lambda: w.worker.native is not None)
+        with ZenClient(w.host, w.port, timeout=5) as client:
+            assert client.ask(Q1) == A1
+        for client in [*clients[11:], late]:
+            client.close()
+
+
+def test_a_connection_over_the_cap_is_closed_and_logged() -> None:
+    """The guard behind the headroom: a connection libuv accepted beyond the cap is closed, logged."""
+    with run_worker(NATIVE) as w, ZenClient(w.host, w.port, timeout=5) as first:
+        assert w.worker.native is not None
+        assert first.ask(Q1) == A1
+        # Fault: the cap drops to what is open, as if libuv had run past it.
+        w.call(lambda: setattr(w.worker, "settings", w.worker.settings.replace(max_connections=1)))
+        sock = socket.create_connection((w.host, w.port), timeout=5)
+        local = "{}:{}".format(*sock.getsockname())
+        sock.sendall(Q1)
+        with contextlib.suppress(ConnectionResetError):  # the unread question may turn the FIN into a reset
+            assert recv_until_eof(sock) == b""
+        sock.close()
+        event = w.log.wait_for("connection_closed", lambda e: e["peer"] == local)
+        assert event["reason"] == "over_capacity"
+        assert event["answered"] == 0
+        assert first.ask(Q1) == A1  # the others are served on
