@@ -8,13 +8,21 @@ too long") and, with ``PROXY_PROTOCOL`` on, the PROXY header stage.
 Never: accepts, logs, or keeps timers; the worker (``worker.Worker``) does,
 so that a connection costs no timer handle and no per-request call outside
 this module.
+
+Memory: an idle connection is mostly uvloop's transport (about 1.2 KiB);
+ours is one object of plain slots.  The peer is kept as an interned host
+string and a port, not an address tuple; and a connection holds a
+``QuestionReader`` only while the reader holds something (part of a
+question, questions not answered yet, end of stream): otherwise it borrows
+its worker's spare reader for the duration of one ``data_received``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from app import proxy, zen
 from app.protocol import QuestionReader, printable
@@ -30,17 +38,25 @@ ANSWER_BATCH: Final = 256
 #: destroys it.  So: answer, shut down our side, discard input until EOF,
 #: a quiet second, or LINGER_MAX (nginx's lingering close).
 LINGER_QUIET: Final = 1.0
+#: The close reason of a connection accepted beyond MAX_CONNECTIONS (the worker never tracked it).
+OVER_CAPACITY: Final = "over_capacity"
 LINGER_MAX: Final = 5.0
 
 _monotonic = time.monotonic
 
 
-def format_peer(peer: Any) -> str:
-    """``host:port`` of an address tuple (``[v6]:port``); strings pass through."""
+def split_peer(peer: Any) -> tuple[str, int | None]:
+    """``(host, port)`` of an address tuple (IPv4 or IPv6), the host interned; other values as a host."""
     if isinstance(peer, tuple):
-        host = peer[0]
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    return str(peer)
+        return sys.intern(peer[0]), peer[1]
+    return str(peer), None
+
+
+def format_peer(host: str, port: int | None) -> str:
+    """``host:port`` (``[v6]:port``); a host alone when there is no port."""
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Connection(asyncio.Protocol):
@@ -52,23 +68,26 @@ class Connection(asyncio.Protocol):
         "bytes_in",
         "bytes_out",
         "closing",
+        "host",
         "last_rx",
         "lingering",
         "opened",
         "paused",
-        "peer",
+        "port",
         "reader",
-        "reason",
         "started_at",
         "transport",
-        "worker",
     )
 
-    def __init__(self, worker: Worker, peer: Any) -> None:
-        self.worker = worker
-        self.reader = QuestionReader(worker.settings.max_request_bytes)
+    #: The worker; a class attribute of the per-worker subclass
+    #: (``Worker.connection_class``), so that no connection pays a slot for it.
+    worker: ClassVar[Worker]
+
+    def __init__(self, peer: Any = None) -> None:
         self.transport: Any = None
-        self.peer = peer  # accept()'s address tuple; formatted only when logged
+        # accept()'s address, or None when libuv accepted: connection_made asks the socket.
+        self.host, self.port = split_peer(peer) if peer is not None else ("", None)
+        self.reader: QuestionReader | None = None  # see the module's "Memory"
         self.answered = self.bytes_in = self.bytes_out = 0
         self.opened = self.last_rx = _monotonic()
         # The idle clock: last progress (bytes of a question, or answers).
@@ -77,19 +96,17 @@ class Connection(asyncio.Protocol):
         self.active = self.opened
         self.started_at: float | None = None  # when the unfinished question began
         self.paused = False
-        self.closing = False
+        self.closing: str | None = None  # None while open, then why it closes
         self.lingering = 0.0  # when the lingering close began; 0 = not lingering
-        self.reason: str | None = None
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        if self.peer is None:  # accepted by libuv, not by the worker
-            self.peer = transport.get_extra_info("peername")
+        if not self.host:  # accepted by libuv, not by the worker
+            self.host, self.port = split_peer(transport.get_extra_info("peername"))
         high = self.worker.settings.max_unsent_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
         if not self.worker.connection_made(self):
-            self.closing = True
-            self.reason = "over_capacity"
+            self.closing = OVER_CAPACITY
             transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -101,7 +118,7 @@ class Connection(asyncio.Protocol):
 
     def _answer(self, data: bytes = b"") -> None:
         """Answer what is complete (after taking ``data`` in), then act on the reader's state."""
-        reader = self.reader
+        reader = self.reader or self.worker.spare_reader
         write = self.transport.write
         answers = self.worker.answers
         answered = 0
@@ -118,6 +135,7 @@ class Connection(asyncio.Protocol):
                 break
             questions = reader.next_questions(ANSWER_BATCH)
         partial = reader.buffered
+        self._keep(reader)
         if answered:
             self.answered += answered
             self.active = self.last_rx
@@ -136,9 +154,18 @@ class Connection(asyncio.Protocol):
         elif reader.eof:
             self.close("eof")
 
+    def _keep(self, reader: QuestionReader) -> None:
+        """Hold ``reader`` only while it holds something (the module's "Memory")."""
+        if reader.clean:
+            self.reader = None  # the spare serves next time
+        elif self.reader is None:
+            self.reader = self.worker.take_spare_reader()
+
     def eof_received(self) -> bool:
         if self.lingering:
             return False  # the client is done: close now
+        if self.reader is None:
+            self.reader = self.worker.take_spare_reader()
         self.reader.receive_data(b"")
         self._answer()
         return True  # we close ourselves once every answer is queued
@@ -162,15 +189,13 @@ class Connection(asyncio.Protocol):
     def close(self, reason: str) -> None:
         """Close after the queued answers are sent."""
         if not self.closing:
-            self.closing = True
-            self.reason = reason
+            self.closing = reason
             self.last_rx = _monotonic()
             self.transport.close()
 
     def _linger(self, reason: str) -> None:
         """Send what is queued and a FIN, then discard input until the client is done."""
-        self.closing = True
-        self.reason = reason
+        self.closing = reason
         self.lingering = self.last_rx = _monotonic()
         self.transport.write_eof()
 
@@ -183,21 +208,26 @@ class Connection(asyncio.Protocol):
 
     def abort(self, reason: str) -> None:
         """Close now, dropping unsent answers."""
-        if self.reason is None or not self.closing:
-            self.reason = reason
-        self.closing = True
+        if not self.closing:
+            self.closing = reason
         self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        reason = self.reason or ("reset" if exc is not None else "eof")
+        reason = self.closing or ("reset" if exc is not None else "eof")
         fields: dict[str, Any] = {}
-        if self.reader.partial and reason != "too_long":
-            fields["unfinished"] = printable(self.reader.partial)
+        partial = self.partial
+        if partial and reason != "too_long":
+            fields["unfinished"] = printable(partial)
         self.worker.connection_lost(self, reason, fields)
+
+    @property
+    def partial(self) -> bytes:
+        """Received bytes not answered yet."""
+        return self.reader.partial if self.reader is not None else b""
 
     def idle(self) -> bool:
         """True between questions with every answer sent: safe to close in a drain."""
-        return not self.reader.partial and not self.paused and self.transport.get_write_buffer_size() == 0
+        return not self.partial and not self.paused and self.transport.get_write_buffer_size() == 0
 
 
 class ProxiedConnection(Connection):
@@ -216,16 +246,16 @@ class ProxiedConnection(Connection):
 
     __slots__ = ("header", "proxy_error", "via")
 
-    def __init__(self, worker: Worker, peer: Any) -> None:
-        super().__init__(worker, peer)
+    def __init__(self, peer: Any = None) -> None:
+        super().__init__(peer)
         self.header: bytes | None = b""  # the header's bytes so far; None once parsed
-        self.via: Any = None
+        self.via: str | None = None
         self.proxy_error: str | None = None
         self.started_at = self.opened
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        host = self.peer[0] if isinstance(self.peer, tuple) else None
+        host = self.host if self.port is not None else None
         if not proxy.is_trusted(host, self.worker.proxy_trusted):
             self._reject("proxy_untrusted", "peer not in PROXY_TRUSTED")
 
@@ -256,7 +286,8 @@ class ProxiedConnection(Connection):
         commands = self.worker.stats.proxy_headers
         commands[header.command] = commands.get(header.command, 0) + 1
         if header.source is not None:
-            self.via, self.peer = self.peer, header.source
+            self.via = format_peer(self.host, self.port)
+            self.host, self.port = split_peer(header.source)
         rest = buf[header.length :]
         if rest:
             Connection.data_received(self, rest)
@@ -274,13 +305,13 @@ class ProxiedConnection(Connection):
         return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        reason = self.reason or ("reset" if exc is not None else "eof")
+        reason = self.closing or ("reset" if exc is not None else "eof")
         fields: dict[str, Any] = {}
         if self.via is not None:
-            fields["via"] = format_peer(self.via)
+            fields["via"] = self.via
         if self.proxy_error is not None:
             fields["proxy_error"] = self.proxy_error
-        partial = self.header or self.reader.partial
+        partial = self.header or self.partial
         if partial and reason != "too_long":
             fields["unfinished"] = printable(partial)
         self.worker.connection_lost(self, reason, fields)
