@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from app import proxy, zen
 from app.protocol import QuestionReader, printable
@@ -38,17 +38,19 @@ ANSWER_BATCH: Final = 256
 #: destroys it.  So: answer, shut down our side, discard input until EOF,
 #: a quiet second, or LINGER_MAX (nginx's lingering close).
 LINGER_QUIET: Final = 1.0
+TOO_LONG: Final = "too_long"
 #: The close reason of a connection accepted beyond MAX_CONNECTIONS (the worker never tracked it).
 OVER_CAPACITY: Final = "over_capacity"
 LINGER_MAX: Final = 5.0
 
 _monotonic = time.monotonic
+_intern = sys.intern
 
 
 def split_peer(peer: Any) -> tuple[str, int | None]:
     """``(host, port)`` of an address tuple (IPv4 or IPv6), the host interned; other values as a host."""
     if isinstance(peer, tuple):
-        return sys.intern(peer[0]), peer[1]
+        return _intern(peer[0]), peer[1]
     return str(peer), None
 
 
@@ -70,23 +72,23 @@ class Connection(asyncio.Protocol):
         "closing",
         "host",
         "last_rx",
-        "lingering",
         "opened",
         "paused",
         "port",
         "reader",
         "started_at",
         "transport",
+        "worker",
     )
 
-    #: The worker; a class attribute of the per-worker subclass
-    #: (``Worker.connection_class``), so that no connection pays a slot for it.
-    worker: ClassVar[Worker]
-
-    def __init__(self, peer: Any = None) -> None:
+    def __init__(self, worker: Worker, peer: Any = None) -> None:
+        self.worker = worker
         self.transport: Any = None
-        # accept()'s address, or None when libuv accepted: connection_made asks the socket.
-        self.host, self.port = split_peer(peer) if peer is not None else ("", None)
+        # accept()'s address tuple, or None when libuv accepted: connection_made asks the socket.
+        if peer is None:
+            self.host, self.port = "", None
+        else:
+            self.host, self.port = _intern(peer[0]), peer[1]
         self.reader: QuestionReader | None = None  # see the module's "Memory"
         self.answered = self.bytes_in = self.bytes_out = 0
         self.opened = self.last_rx = _monotonic()
@@ -97,7 +99,6 @@ class Connection(asyncio.Protocol):
         self.started_at: float | None = None  # when the unfinished question began
         self.paused = False
         self.closing: str | None = None  # None while open, then why it closes
-        self.lingering = 0.0  # when the lingering close began; 0 = not lingering
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -116,7 +117,7 @@ class Connection(asyncio.Protocol):
             return  # lingering: discard
         self._answer(data)
 
-    def _answer(self, data: bytes = b"") -> None:
+    def _answer(self, data: bytes = b"") -> None:  # noqa: C901 - the hot path in one piece: a call is ~3 % of a request
         """Answer what is complete (after taking ``data`` in), then act on the reader's state."""
         reader = self.reader or self.worker.spare_reader
         write = self.transport.write
@@ -135,7 +136,12 @@ class Connection(asyncio.Protocol):
                 break
             questions = reader.next_questions(ANSWER_BATCH)
         partial = reader.buffered
-        self._keep(reader)
+        done = reader.eof or reader.too_long
+        if partial or done:
+            if self.reader is None:  # keep what the spare now holds
+                self.reader = self.worker.take_spare_reader()
+        elif self.reader is not None:
+            self.reader = None  # it holds nothing: the spare serves next time
         if answered:
             self.answered += answered
             self.active = self.last_rx
@@ -145,27 +151,24 @@ class Connection(asyncio.Protocol):
             self.active = self.last_rx
             if self.started_at is None:
                 self.started_at = self.last_rx
-        if self.paused:
-            return
-        if reader.too_long:
-            write(zen.TOO_LONG)
-            self.bytes_out += len(zen.TOO_LONG)
-            self._linger("too_long")
-        elif reader.eof:
-            self.close("eof")
+        if done and not self.paused:
+            self._finish(reader)
 
-    def _keep(self, reader: QuestionReader) -> None:
-        """Hold ``reader`` only while it holds something (the module's "Memory")."""
-        if reader.clean:
-            self.reader = None  # the spare serves next time
-        elif self.reader is None:
-            self.reader = self.worker.take_spare_reader()
+    def _finish(self, reader: QuestionReader) -> None:
+        """After the last answer: "too long" and a lingering close, or the end of stream."""
+        if reader.too_long:
+            self.transport.write(zen.TOO_LONG)
+            self.bytes_out += len(zen.TOO_LONG)
+            self._linger(TOO_LONG)
+        else:
+            self.close("eof")
 
     def eof_received(self) -> bool:
         if self.lingering:
             return False  # the client is done: close now
-        if self.reader is None:
-            self.reader = self.worker.take_spare_reader()
+        if self.reader is None:  # nothing held, so nothing left to answer
+            self.close("eof")
+            return True
         self.reader.receive_data(b"")
         self._answer()
         return True  # we close ourselves once every answer is queued
@@ -180,7 +183,7 @@ class Connection(asyncio.Protocol):
         # waited on us, not on the client, so the request clock restarts too.
         self.paused = False
         self.last_rx = _monotonic()
-        if self.started_at is not None:
+        if self.started_at is not None and not self.closing:  # (closing: the lingering clock)
             self.started_at = self.last_rx
         self._answer()
         if not self.paused and not self.closing:
@@ -196,7 +199,7 @@ class Connection(asyncio.Protocol):
     def _linger(self, reason: str) -> None:
         """Send what is queued and a FIN, then discard input until the client is done."""
         self.closing = reason
-        self.lingering = self.last_rx = _monotonic()
+        self.started_at = self.last_rx = _monotonic()  # now the lingering clock
         self.transport.write_eof()
 
     def expire(self, reason: str) -> None:
@@ -205,6 +208,11 @@ class Connection(asyncio.Protocol):
             self.close(reason)
         else:
             self.abort(reason)
+
+    @property
+    def lingering(self) -> bool:
+        """True in the lingering close after "request too long" (its clock: :attr:`started_at`)."""
+        return self.closing == TOO_LONG
 
     def abort(self, reason: str) -> None:
         """Close now, dropping unsent answers."""
@@ -215,9 +223,10 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         reason = self.closing or ("reset" if exc is not None else "eof")
         fields: dict[str, Any] = {}
-        partial = self.partial
-        if partial and reason != "too_long":
-            fields["unfinished"] = printable(partial)
+        if self.reader is not None and reason != TOO_LONG:
+            partial = self.reader.partial
+            if partial:
+                fields["unfinished"] = printable(partial)
         self.worker.connection_lost(self, reason, fields)
 
     @property
@@ -246,8 +255,8 @@ class ProxiedConnection(Connection):
 
     __slots__ = ("header", "proxy_error", "via")
 
-    def __init__(self, peer: Any = None) -> None:
-        super().__init__(peer)
+    def __init__(self, worker: Worker, peer: Any = None) -> None:
+        super().__init__(worker, peer)
         self.header: bytes | None = b""  # the header's bytes so far; None once parsed
         self.via: str | None = None
         self.proxy_error: str | None = None
@@ -312,6 +321,6 @@ class ProxiedConnection(Connection):
         if self.proxy_error is not None:
             fields["proxy_error"] = self.proxy_error
         partial = self.header or self.partial
-        if partial and reason != "too_long":
+        if partial and reason != TOO_LONG:
             fields["unfinished"] = printable(partial)
         self.worker.connection_lost(self, reason, fields)

@@ -75,11 +75,6 @@ class QuestionReader:
         return self.next_questions(limit)
 
     @property
-    def clean(self) -> bool:
-        """True when a new reader would behave the same: nothing held, no end of stream, no error."""
-        return not self._buf and not self.eof and not self.too_long
-
-    @property
     def buffered(self) -> bool:
         """True while any byte is held (an unfinished question, or questions not taken yet)."""
         return bool(self._buf)

@@ -101,25 +101,22 @@ class Connections:
     Iterating gives a snapshot of the open ones, safe to close them in.
     """
 
-    __slots__ = ("_items", "_removed")
+    __slots__ = ("_items", "count")
 
     def __init__(self) -> None:
         self._items: list[Connection] = []
-        self._removed = 0
+        self.count = 0  # open connections (an attribute: len() would be a Python call per connection)
 
     def add(self, conn: Connection) -> None:
         self._items.append(conn)
+        self.count += 1
 
     def remove(self, conn: Connection) -> None:
         """Forget ``conn`` (added before, removed once)."""
         conn.transport = None
-        self._removed += 1
-        if self._removed * 2 > len(self._items) + COMPACT_SLACK:
+        self.count -= 1
+        if len(self._items) > 2 * self.count + COMPACT_SLACK:
             self._items = [c for c in self._items if c.transport is not None]
-            self._removed = 0
-
-    def __len__(self) -> int:
-        return len(self._items) - self._removed
 
     def __iter__(self) -> Iterator[Connection]:
         return iter([c for c in self._items if c.transport is not None])
@@ -155,9 +152,7 @@ class Worker:
         self.answers = zen.answers if metrics is None else metrics.counting_answers(self.stats)
         self.proxy_versions = proxy.MODES[settings.proxy_protocol]
         self.proxy_trusted = proxy.parse_networks(settings.proxy_trusted)
-        base = ProxiedConnection if self.proxy_versions else Connection
-        # A subclass per worker, so each connection finds its worker without a slot of its own.
-        self.connection_class: type[Connection] = type(base.__name__, (base,), {"__slots__": (), "worker": self})
+        self.connection_class = ProxiedConnection if self.proxy_versions else Connection
         self.spare_reader = QuestionReader(settings.max_request_bytes)  # lent to connections that hold none
         self.conns = Connections()
         self.pending = 0  # accepted by us, connection_made not run yet
@@ -211,10 +206,10 @@ class Worker:
         self.draining = True
         await asyncio.sleep(0)  # connection_made of what libuv accepted last is already queued
         deadline = _monotonic() + self.settings.graceful_timeout
-        self.log.info("worker_draining", connections=len(self.conns))
+        self.log.info("worker_draining", connections=self.conns.count)
         # ``pending``: accepted (the final accept above takes the whole queue)
         # but not wrapped yet; leaving now would close them unanswered.
-        while (self.conns or self.pending) and not self._quit and _monotonic() < deadline:
+        while (self.conns.count or self.pending) and not self._quit and _monotonic() < deadline:
             assert self._stop is not None
             self._stop.clear()
             self._close_quiet()
@@ -226,7 +221,7 @@ class Worker:
             conn.abort("shutdown")
         await asyncio.sleep(0)  # let connection_lost run for the aborted ones
         self._flush_metrics(None)
-        self.log.info("worker_stopped", aborted=len(self.conns), **self._summary())
+        self.log.info("worker_stopped", aborted=self.conns.count, **self._summary())
 
     def _summary(self) -> dict[str, Any]:
         s = self.stats
@@ -259,7 +254,7 @@ class Worker:
 
     def _native_fits(self, queues: int) -> bool:
         """True while ``queues`` headrooms fit below every limit."""
-        return len(self.conns) + self.pending + queues * self.accept_headroom < self._native_cap
+        return self.conns.count + self.pending + queues * self.accept_headroom < self._native_cap
 
     def _open_native(self) -> None:
         assert self.loop is not None
@@ -281,7 +276,7 @@ class Worker:
 
     def _native_connection(self) -> Connection:
         self.stats.accepted += 1
-        return self.connection_class()
+        return self.connection_class(self)
 
     def _switch_accept_mode(self) -> None:
         """Native accepting while far from the limits, our own near them."""
@@ -291,7 +286,7 @@ class Worker:
         if self._native_fits(NATIVE_LEAVE if native else NATIVE_ENTER) != native:
             self._stop_accepting()
             self._start_accepting()
-            self.log.debug("accept_mode", native=self.native is not None, connections=len(self.conns))
+            self.log.debug("accept_mode", native=self.native is not None, connections=self.conns.count)
 
     def _on_acceptable(self) -> None:
         self._accept_some(ACCEPT_BATCH)
@@ -299,7 +294,7 @@ class Worker:
     def _accept_some(self, limit: int) -> None:
         assert self.loop is not None
         for _ in range(limit):
-            if len(self.conns) + self.pending >= self.settings.max_connections:
+            if self.conns.count + self.pending >= self.settings.max_connections:
                 self._pause_full()
                 return
             try:
@@ -322,7 +317,7 @@ class Worker:
     async def _connect(self, conn: socket.socket, addr: Any) -> None:
         assert self.loop is not None
         try:
-            await self.loop.connect_accepted_socket(lambda: self.connection_class(addr), conn)
+            await self.loop.connect_accepted_socket(lambda: self.connection_class(self, addr), conn)
         except OSError as exc:  # the peer was gone before we could wrap it
             conn.close()
             self.log.debug("connection_setup_failed", error=str(exc))
@@ -333,7 +328,7 @@ class Worker:
         if self.accepting:
             self._stop_accepting()
             self.paused_full = True
-            self.log.warning("accept_paused", reason="max_connections", connections=len(self.conns))
+            self.log.warning("accept_paused", reason="max_connections", connections=self.conns.count)
 
     def _accept_backoff(self, exc: OSError) -> None:
         self._stop_accepting()
@@ -348,7 +343,7 @@ class Worker:
                 error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
                 delay=self._backoff,
                 count=self._backoff_count,
-                connections=len(self.conns),
+                connections=self.conns.count,
             )
             self._backoff_logged = now
             self._backoff_count = 0
@@ -365,11 +360,11 @@ class Worker:
 
     def connection_made(self, conn: Connection) -> bool:
         """Track ``conn``; False if it is over the cap (libuv took a longer queue than allowed for)."""
-        if len(self.conns) >= self.settings.max_connections:
+        if self.conns.count >= self.settings.max_connections:
             return False
         self.conns.add(conn)
-        if self.native is not None and not self._native_fits(NATIVE_LEAVE):
-            self._switch_accept_mode()
+        if self.native is not None and self.conns.count + NATIVE_LEAVE * self.accept_headroom >= self._native_cap:
+            self._switch_accept_mode()  # (the inline of not _native_fits(NATIVE_LEAVE): once per connection)
         return True
 
     def connection_lost(self, conn: Connection, reason: str, fields: dict[str, Any]) -> None:
@@ -390,13 +385,13 @@ class Worker:
             duration_ms=round((_monotonic() - conn.opened) * 1000, 3),
             **fields,
         )
-        if self.paused_full and len(self.conns) + self.pending < self.settings.max_connections:
+        if self.paused_full and self.conns.count + self.pending < self.settings.max_connections:
             self.paused_full = False
-            self.log.info("accept_resumed", connections=len(self.conns))
+            self.log.info("accept_resumed", connections=self.conns.count)
             self._start_accepting()
         elif self.native is None and self.accepting and self._native_fits(NATIVE_ENTER):
             self._switch_accept_mode()
-        if self.draining and not self.conns and self._stop is not None:
+        if self.draining and not self.conns.count and self._stop is not None:
             self._stop.set()
 
     def _close_quiet(self) -> None:
@@ -413,7 +408,8 @@ class Worker:
         s = self.settings
         for conn in self.conns:
             if conn.lingering:
-                if now - conn.last_rx > LINGER_QUIET or now - conn.lingering > LINGER_MAX:
+                assert conn.started_at is not None  # the lingering clock
+                if now - conn.last_rx > LINGER_QUIET or now - conn.started_at > LINGER_MAX:
                     conn.abort("too_long")  # keeps the reason it closes for
             elif conn.closing:
                 if now - conn.last_rx > s.idle_timeout:
@@ -434,7 +430,7 @@ class Worker:
         """Move the plain counters into the metric files (never per request)."""
         if self.metrics is not None:
             live = sum(conn.answered for conn in self.conns)
-            self.metrics.flush(self.stats, len(self.conns), live, lag)
+            self.metrics.flush(self.stats, self.conns.count, live, lag)
 
 
 def _native_headroom(backlog: int) -> int:

@@ -40,6 +40,25 @@ def test_canonical_log_line_per_connection(worker: RunningWorker) -> None:
     assert event["duration_ms"] >= 0
 
 
+def test_a_connection_holds_a_reader_only_while_it_has_bytes(worker: RunningWorker) -> None:
+    """Memory: between questions a connection borrows its worker's spare reader (connection.py)."""
+    with ZenClient(worker.host, worker.port) as client:
+        assert client.ask(Q1) == A1
+
+        def readers() -> list[object]:
+            return [c.reader for c in worker.worker.conns]
+
+        assert worker.call(readers) == [None]
+        client.send(Q1[:5])
+        deadline = time.monotonic() + 5
+        while worker.call(readers) == [None]:
+            assert time.monotonic() < deadline, "the half question was never held"
+            time.sleep(0.01)
+        client.send(Q1[5:])
+        assert client.read_answers(1) == [A1]
+        assert worker.call(readers) == [None]
+
+
 def test_reset_is_logged_as_reset(worker: RunningWorker) -> None:
     sock = socket.create_connection((worker.host, worker.port))
     sock.sendall(Q1)
