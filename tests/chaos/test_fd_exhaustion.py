@@ -19,6 +19,7 @@ import signal
 import socket
 import time
 import urllib.request
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -95,7 +96,8 @@ def test_derived_max_connections_never_reaches_emfile(figures: dict[str, Any]) -
     }
     assert held <= 2 * cap
     assert fds < nofile
-    assert len(late) == len(rest), "connections waiting in the backlog were lost"
+    events = Counter(f"{e.get('event')}:{e.get('reason', e.get('native', ''))}" for e in server.log.events)
+    assert len(late) == len(rest), f"connections waiting in the backlog were lost: {len(rest) - len(late)}; {events}"
 
 
 def _metric(port: int, name: str) -> float:
