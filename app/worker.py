@@ -160,7 +160,7 @@ class Worker:
         self.native: asyncio.AbstractServer | None = None  # libuv accepting (see NATIVE_ENTER)
         # The cap libuv must stay clear of: connections, and descriptors (EMFILE).
         self._native_cap = min(settings.max_connections, derived_max_connections())
-        self.accept_headroom = _native_headroom(settings.backlog)
+        self.accept_headroom = native_headroom(settings.backlog, libuv_version())
         self.draining = False
         self.paused_full = False
         self._backoff = 0.0
@@ -433,12 +433,17 @@ class Worker:
             self.metrics.flush(self.stats, self.conns.count, live, lag)
 
 
-def _native_headroom(backlog: int) -> int:
-    """NATIVE_HEADROOM, or a whole accept queue with a libuv that accepts in a loop."""
+def libuv_version() -> int:
+    """The version of uvloop's libuv as ``major << 16 | minor << 8 | patch``; 0 if uvloop does not say."""
     import uvloop.loop  # noqa: PLC0415 - the master never runs a loop
 
     version: int = getattr(uvloop.loop, "libuv_get_version", lambda: 0)()
-    return NATIVE_HEADROOM if version >= _LIBUV_ONE_ACCEPT_PER_POLL else listener.queue_limit(backlog)
+    return version
+
+
+def native_headroom(backlog: int, libuv: int) -> int:
+    """NATIVE_HEADROOM, or a whole accept queue with a libuv that accepts in a loop."""
+    return NATIVE_HEADROOM if libuv >= _LIBUV_ONE_ACCEPT_PER_POLL else listener.queue_limit(backlog)
 
 
 # -- the worker process --------------------------------------------------------
