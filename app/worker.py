@@ -39,8 +39,9 @@ ACCEPT_BATCH: Final = 64
 #: Two ways to accept.  While the connection count is far from every limit,
 #: libuv accepts (``loop.create_server`` on a duplicate of the listening
 #: descriptor): no task, socket object or context copy per connection, about
-#: 170 bytes less per idle connection and less CPU per connection.  But libuv
-#: cannot pause accepting, and answers EMFILE by accepting and closing every
+#: 170 bytes less per idle connection (CPU per connection: the same within
+#: the benchmark's noise; churn p99 is higher, as libuv accepts one
+#: connection per loop iteration).  But libuv cannot pause accepting, and answers EMFILE by accepting and closing every
 #: queued connection; so near a limit the worker accepts itself
 #: (``_accept_some``): an exact cap, and a back-off that keeps the queue.
 #: "Far" = more than NATIVE_ENTER headrooms below the cap; the worker goes
