@@ -44,13 +44,12 @@ OVER_CAPACITY: Final = "over_capacity"
 LINGER_MAX: Final = 5.0
 
 _monotonic = time.monotonic
-_intern = sys.intern
 
 
 def split_peer(peer: Any) -> tuple[str, int | None]:
     """``(host, port)`` of an address tuple (IPv4 or IPv6), the host interned; other values as a host."""
     if isinstance(peer, tuple):
-        return _intern(peer[0]), peer[1]
+        return sys.intern(peer[0]), peer[1]
     return str(peer), None
 
 
@@ -85,10 +84,7 @@ class Connection(asyncio.Protocol):
         self.worker = worker
         self.transport: Any = None
         # accept()'s address tuple, or None when libuv accepted: connection_made asks the socket.
-        if peer is None:
-            self.host, self.port = "", None
-        else:
-            self.host, self.port = _intern(peer[0]), peer[1]
+        self.host, self.port = split_peer(peer) if peer is not None else ("", None)
         self.reader: QuestionReader | None = None  # see the module's "Memory"
         self.answered = self.bytes_in = self.bytes_out = 0
         self.opened = self.last_rx = _monotonic()

@@ -32,11 +32,16 @@ def _open(worker: Worker, n: int) -> list[Connection]:
     return conns
 
 
-def test_count_and_snapshot_follow_adds_and_removes(worker: Worker) -> None:
+def _registry(conns: list[Connection]) -> Connections:
     registry = Connections()
-    conns = _open(worker, 5)
     for conn in conns:
         registry.add(conn)
+    return registry
+
+
+def test_count_and_snapshot_follow_adds_and_removes(worker: Worker) -> None:
+    conns = _open(worker, 5)
+    registry = _registry(conns)
     registry.remove(conns[1])
     registry.remove(conns[3])
     assert registry.count == 3
@@ -45,10 +50,7 @@ def test_count_and_snapshot_follow_adds_and_removes(worker: Worker) -> None:
 
 
 def test_iterating_gives_a_snapshot_safe_to_remove_in(worker: Worker) -> None:
-    registry = Connections()
-    conns = _open(worker, 10)
-    for conn in conns:
-        registry.add(conn)
+    registry = _registry(_open(worker, 10))
     for conn in registry:
         registry.remove(conn)
     assert registry.count == 0
@@ -56,10 +58,8 @@ def test_iterating_gives_a_snapshot_safe_to_remove_in(worker: Worker) -> None:
 
 
 def test_removed_connections_do_not_pile_up(worker: Worker) -> None:
-    registry = Connections()
     keep = _open(worker, 10)
-    for conn in keep:
-        registry.add(conn)
+    registry = _registry(keep)
     for _ in range(50):  # churn: 5,000 connections come and go beside 10 that stay
         batch = _open(worker, 100)
         for conn in batch:
