@@ -6,19 +6,24 @@ pinned to CPU 0 and ``zenload`` pinned to CPU 1, and prints requests/s,
 server CPU microseconds per request (utime+stime of the server's whole
 process tree over the measured window), p99 latency, and the ratio to zenref;
 then the resident memory per idle connection with 10,000 held connections.
-Only ratios measured side by side mean anything on a shared machine.
+Only ratios measured side by side mean anything on a shared machine: each
+round runs zenref and then ours, and the ratio printed is the median of the
+rounds' ratios, with their range.
 
-Usage: python bench/run.py [--duration 5] [--modes pingpong,pipeline,churn] [--hold 10000] [--host-network]
+Usage: python bench/run.py [--duration 5] [--rounds 5] [--modes pingpong,pipeline,churn] [--hold 10000]
+                           [--host-network]
 Extra environment for our server (e.g. ADMIN_PORT=9101) is passed through.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,10 +70,25 @@ def build_tools() -> Path:
     return work / "bench"
 
 
+#: Server ports come from below the ephemeral range (32768 and up): zenload's
+#: churn leaves its client ports there in TIME_WAIT, and a listener cannot
+#: bind a port that a TIME_WAIT client socket without SO_REUSEADDR holds.
+_ports = itertools.count(20000 + os.getpid() % 1000 * 10)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port below the ephemeral range that binds on 127.0.0.1 here (the host or the namespace)."""
+    for port in _ports:
+        if port >= 32768:
+            break
+        if not NETNS:  # the host: something else may hold it
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port  # the namespace is ours: each run takes the next port
+    raise RuntimeError("no free port below 32768")
 
 
 _PROBE = "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 0.5).close()"
@@ -205,12 +225,17 @@ def hold_rss(server: str, tools: Path, conns: int, log: Path) -> float:
     return (after - before) / conns
 
 
+def pair_ratios(refs: list[Result], ours: list[Result]) -> list[float]:
+    """Ours over zenref's CPU per request, round by round (the two ran back to back)."""
+    return [o.cpu_us / r.cpu_us if r.cpu_us else float("nan") for r, o in zip(refs, ours, strict=True)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--modes", default="pingpong,pipeline,churn")
     parser.add_argument("--hold", type=int, default=10000, help="idle connections for the RSS figure (0: skip)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternate the servers this many times; medians are kept")
+    parser.add_argument("--rounds", type=int, default=5, help="alternate the servers this many times; medians are kept")
     parser.add_argument("--host-network", action="store_true", help="use the host's loopback, not a new netns")
     args = parser.parse_args()
     with own_netns(not args.host_network) as netns:
@@ -226,19 +251,24 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.rounds):
             for server in ("zenref", "ours"):
                 runs.setdefault((server, mode), []).append(measure(server, tools, mode, args.duration, log))
-    # The median run of each (by CPU per request): one noisy round moves neither side.
+    # The machine's speed drifts by tens of percent over a minute (a shared
+    # 2-core VM), in step for both servers; so the ratio is taken within each
+    # round (zenref and ours run back to back) and its median is kept, and
+    # the spread of the rounds' ratios is shown.  CPU figures: each server's median.
     results = {key: sorted(rs, key=lambda r: r.cpu_us)[len(rs) // 2] for key, rs in runs.items()}
-    head = ("mode", "server", "req/s", "cpu us/req", "p99 us", "errors", "ratio", "target")
-    print("{:<9} {:<7} {:>10} {:>11} {:>8} {:>6} {:>6} {:>6}".format(*head))
+    head = ("mode", "server", "req/s", "cpu us/req", "p99 us", "errors", "ratio", "target", "rounds")
+    print("{:<9} {:<7} {:>10} {:>11} {:>8} {:>6} {:>6} {:>6}  {}".format(*head))
     summary: dict[str, object] = {}
     for mode in args.modes.split(","):
         ref, ours = results[("zenref", mode)], results[("ours", mode)]
-        ratio = ours.cpu_us / ref.cpu_us if ref.cpu_us else float("nan")
+        ratios = pair_ratios(runs[("zenref", mode)], runs[("ours", mode)])
+        ratio = statistics.median(ratios)
         for r in (ref, ours):
-            tail = f"{ratio:>6.2f} {TARGETS[mode]:>6.2f}" if r is ours else ""
+            tail = f"{ratio:>6.2f} {TARGETS[mode]:>6.2f}  {min(ratios):.2f}-{max(ratios):.2f}" if r is ours else ""
             print(f"{mode:<9} {r.server:<7} {r.rps:>10.0f} {r.cpu_us:>11.2f} {r.p99_us:>8.0f} {r.errors:>6} {tail}")
         summary[mode] = {"zenref_cpu_us": round(ref.cpu_us, 2), "ours_cpu_us": round(ours.cpu_us, 2),
-                         "ratio": round(ratio, 3), "target": TARGETS[mode], "ours_rps": round(ours.rps),
+                         "ratio": round(ratio, 3), "round_ratios": [round(x, 3) for x in ratios],
+                         "target": TARGETS[mode], "ours_rps": round(ours.rps),
                          "zenref_rps": round(ref.rps), "ours_p99_us": ours.p99_us, "errors": ours.errors}  # fmt: skip
     if args.hold:
         ref_b, ours_b = hold_rss("zenref", tools, args.hold, log), hold_rss("ours", tools, args.hold, log)
