@@ -82,6 +82,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "LOG_FORMAT", "str", "auto", "json | console | auto (console on a terminal, JSON otherwise)", OneOf(LOG_FORMATS)
     ),
     Setting(
+        "LOG_FLUSH_INTERVAL",
+        "float",
+        0.05,
+        "seconds a connection_closed line may wait to share one write (of at most 4 KiB) with others; 0: at once",
+        Range(0, 10),
+    ),
+    Setting(
         "REQUEST_TIMEOUT", "float", 10.0, "seconds a started question has to complete (not reset per byte)", _positive
     ),
     Setting("IDLE_TIMEOUT", "float", 60.0, "seconds a connection may stay with no question started", _positive),
@@ -161,6 +168,7 @@ class Settings:
     backlog: int = 2048
     log_level: str = "info"
     log_format: str = "auto"
+    log_flush_interval: float = 0.05
     request_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_request_bytes: int = 1024
@@ -230,6 +238,7 @@ def _settings(values: dict[str, Any], sources: dict[str, str]) -> Settings:
         backlog=values["BACKLOG"],
         log_level=values["LOG_LEVEL"],
         log_format=values["LOG_FORMAT"],
+        log_flush_interval=values["LOG_FLUSH_INTERVAL"],
         request_timeout=values["REQUEST_TIMEOUT"],
         idle_timeout=values["IDLE_TIMEOUT"],
         max_request_bytes=values["MAX_REQUEST_BYTES"],
