@@ -44,6 +44,8 @@ OVER_CAPACITY: Final = "over_capacity"
 LINGER_MAX: Final = 5.0
 
 _monotonic = time.monotonic
+#: The extra fields of a connection's close line, when there are none (shared, never changed).
+_NO_FIELDS: Final[dict[str, Any]] = {}
 
 
 def split_peer(peer: Any) -> tuple[str, int | None]:
@@ -100,8 +102,7 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         if not self.host:  # accepted by libuv, not by the worker
             self.host, self.port = split_peer(transport.get_extra_info("peername"))
-        high = self.worker.settings.max_unsent_bytes
-        transport.set_write_buffer_limits(high=high, low=high // 4)
+        transport.set_write_buffer_limits(*self.worker.write_limits)
         if not self.worker.connection_made(self):
             self.closing = OVER_CAPACITY
             transport.close()
@@ -160,7 +161,7 @@ class Connection(asyncio.Protocol):
             self.close("eof")
 
     def eof_received(self) -> bool:
-        if self.lingering:
+        if self.closing == TOO_LONG:  # lingering
             return False  # the client is done: close now
         if self.reader is None:  # nothing held, so nothing left to answer
             self.close("eof")
@@ -218,11 +219,11 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = self.closing or ("reset" if exc is not None else "eof")
-        fields: dict[str, Any] = {}
+        fields = _NO_FIELDS
         if self.reader is not None and reason != TOO_LONG:
             partial = self.reader.partial
             if partial:
-                fields["unfinished"] = printable(partial)
+                fields = {"unfinished": printable(partial)}
         self.worker.connection_lost(self, reason, fields)
 
     @property

@@ -155,6 +155,8 @@ class Worker:
         self.proxy_trusted = proxy.parse_networks(settings.proxy_trusted)
         self.connection_class = ProxiedConnection if self.proxy_versions else Connection
         self.spare_reader = QuestionReader(settings.max_request_bytes)  # lent to connections that hold none
+        #: (high, low) water marks of a connection's unsent answers: reading pauses above high, resumes below low.
+        self.write_limits = (settings.max_unsent_bytes, settings.max_unsent_bytes // 4)
         self.conns = Connections()
         self.pending = 0  # accepted by us, connection_made not run yet
         self.accepting = False
@@ -383,7 +385,7 @@ class Worker:
             answered=conn.answered,
             bytes_in=conn.bytes_in,
             bytes_out=conn.bytes_out,
-            duration_ms=round((_monotonic() - conn.opened) * 1000, 3),
+            duration_ms=int((_monotonic() - conn.opened) * 1e6) / 1000,  # not round(): it formats and parses
             **fields,
         )
         if self.paused_full and self.conns.count + self.pending < self.settings.max_connections:
