@@ -93,6 +93,31 @@ def test_any_chunking_gives_the_same_questions(stream: bytes, cuts: list[int]) -
     assert pieces_reader.too_long == whole_reader.too_long
 
 
+@given(
+    st.lists(st.sampled_from([Q1, Q2, Q3, b"\r\n", b" ", b"zz?", b"Q1", b"x" * 70 + b"?"]), max_size=20),
+    st.lists(st.integers(0, 400), max_size=6),
+    st.integers(1, 3),
+)
+@settings(max_examples=300, deadline=None)
+def test_feed_is_receive_data_then_next_questions(parts: list[bytes], cuts: list[int], limit: int) -> None:
+    """The hot path's one call (and its shortcut for exactly one question) changes nothing."""
+    stream = b"".join(parts)
+    points = sorted({min(c, len(stream)) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True) if b > a]
+    fed, reference = QuestionReader(64), QuestionReader(64)
+    for chunk in [*chunks, b""]:  # then end of stream
+        got = fed.feed(chunk, limit)
+        reference.receive_data(chunk)
+        assert got == reference.next_questions(limit)
+        assert len(got) <= limit
+        while got:  # what the limit held back
+            got = fed.next_questions(limit)
+            assert got == reference.next_questions(limit)
+        assert (fed.buffered, fed.partial, fed.eof, fed.too_long) == (
+            reference.buffered, reference.partial, reference.eof, reference.too_long,
+        )  # fmt: skip
+
+
 @given(st.lists(st.sampled_from([Q1, Q2, Q3, b"\r\n", b" ", b"zz?", b"\x00?"]), max_size=30), st.integers(1, 9))
 @settings(max_examples=200, deadline=None)
 def test_limited_batches_lose_nothing(parts: list[bytes], limit: int) -> None:
