@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from app import proxy, zen
-from app.protocol import QuestionReader, printable
+from app.protocol import LONE_QUESTION, QuestionReader, printable
 
 if TYPE_CHECKING:
     from app.worker import Worker
@@ -44,6 +44,7 @@ OVER_CAPACITY: Final = "over_capacity"
 LINGER_MAX: Final = 5.0
 
 _monotonic = time.monotonic
+_lone_question = LONE_QUESTION.fullmatch
 #: The extra fields of a connection's close line, when there are none (shared, never changed).
 _NO_FIELDS: Final[dict[str, Any]] = {}
 
@@ -109,9 +110,18 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.last_rx = _monotonic()
+        self.last_rx = now = _monotonic()
         if self.closing:
             return  # lingering: discard
+        if self.reader is None and _lone_question(data) and len(data) <= self.worker.max_question and not self.paused:
+            # The usual read: one whole question, and nothing held (see protocol.LONE_QUESTION).
+            out = self.worker.answers([data])
+            self.transport.write(out)
+            self.bytes_out += len(out)
+            self.answered += 1
+            self.active = now
+            self.started_at = None
+            return
         self._answer(data)
 
     def _answer(self, data: bytes = b"") -> None:  # noqa: C901 - the hot path in one piece: a call is ~3 % of a request

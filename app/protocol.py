@@ -26,6 +26,12 @@ _MARK: Final = ord("?")
 _NOT_WHITESPACE: Final = re.compile(rb"[^ \t\r\n]")
 #: One question with the whitespace before it: the pipelined fast path.
 _QUESTION: Final = re.compile(rb"[ \t\r\n]*+([^?]*+\?)")
+#: A chunk that is exactly one question, nothing before or after it: what
+#: most reads bring.  ``LONE_QUESTION.fullmatch(chunk)`` and
+#: ``len(chunk) <= max_size`` on a reader that holds nothing means
+#: ``feed(chunk)`` would give ``[chunk]`` and keep nothing, so an I/O layer
+#: may answer it without a reader (one C call instead of the reader's frames).
+LONE_QUESTION: Final = re.compile(rb"(?:[^ \t\r\n?][^?]*+)?\?")
 
 
 class QuestionReader:

@@ -155,6 +155,7 @@ class Worker:
         self.proxy_trusted = proxy.parse_networks(settings.proxy_trusted)
         self.connection_class = ProxiedConnection if self.proxy_versions else Connection
         self.spare_reader = QuestionReader(settings.max_request_bytes)  # lent to connections that hold none
+        self.max_question = settings.max_request_bytes
         #: (high, low) water marks of a connection's unsent answers: reading pauses above high, resumes below low.
         self.write_limits = (settings.max_unsent_bytes, settings.max_unsent_bytes // 4)
         self.conns = Connections()

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app import zen
-from app.protocol import AnswerReader, QuestionReader, printable
+from app.protocol import LONE_QUESTION, AnswerReader, QuestionReader, printable
 
 Q1, Q2, Q3 = b"Beautiful is better than?", b"Explicit is better than?", b"Simple is better than?"
 
@@ -116,6 +116,28 @@ def test_feed_is_receive_data_then_next_questions(parts: list[bytes], cuts: list
         assert (fed.buffered, fed.partial, fed.eof, fed.too_long) == (
             reference.buffered, reference.partial, reference.eof, reference.too_long,
         )  # fmt: skip
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=80),
+        st.lists(st.sampled_from([b"?", b" ", b"\t", b"\n", b"a", b"Q", b"\x00", Q1]), max_size=8).map(b"".join),
+    ),
+    st.integers(1, 40),
+)
+@settings(max_examples=500, deadline=None)
+def test_lone_question_is_what_feed_hands_back_whole(chunk: bytes, max_size: int) -> None:
+    """LONE_QUESTION plus the size check is exactly feed() answering the chunk whole and keeping nothing."""
+    reader = QuestionReader(max_size)
+    whole = reader.feed(chunk) == [chunk] and not reader.buffered and not reader.too_long
+    assert whole == (LONE_QUESTION.fullmatch(chunk) is not None and len(chunk) <= max_size)
+
+
+def test_lone_question_examples() -> None:
+    for lone in (Q1, b"?", b"x?", b"a b?", b"\x00?"):
+        assert LONE_QUESTION.fullmatch(lone), lone
+    for other in (b"", b" x?", b"\nx?", b"x", b"x?y", b"x??", Q1 + Q2, b"?" * 2):
+        assert not LONE_QUESTION.fullmatch(other), other
 
 
 @given(st.lists(st.sampled_from([Q1, Q2, Q3, b"\r\n", b" ", b"zz?", b"\x00?"]), max_size=30), st.integers(1, 9))
