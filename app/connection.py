@@ -10,8 +10,8 @@ so that a connection costs no timer handle and no per-request call outside
 this module.
 
 Memory: an idle connection is mostly uvloop's transport (about 1.2 KiB);
-ours is one object of plain slots.  The peer is kept as an interned host
-string and a port, not an address tuple; and a connection holds a
+ours is one object of plain slots.  The peer is not kept: the close line
+asks the transport, which holds it anyway; and a connection holds a
 ``QuestionReader`` only while the reader holds something (part of a
 question, questions not answered yet, end of stream): otherwise it borrows
 its worker's spare reader for the duration of one ``data_received``.
@@ -20,7 +20,6 @@ its worker's spare reader for the duration of one ``data_received``.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -49,17 +48,11 @@ _lone_question = LONE_QUESTION.fullmatch
 _NO_FIELDS: Final[dict[str, Any]] = {}
 
 
-def split_peer(peer: Any) -> tuple[str, int | None]:
-    """``(host, port)`` of an address tuple (IPv4 or IPv6), the host interned; other values as a host."""
-    if isinstance(peer, tuple):
-        return sys.intern(peer[0]), peer[1]
-    return str(peer), None
-
-
-def format_peer(host: str, port: int | None) -> str:
-    """``host:port`` (``[v6]:port``); a host alone when there is no port."""
-    if port is None:
-        return host
+def format_peer(peer: Any) -> str:
+    """``host:port`` (``[v6]:port``) of an address tuple; other values as they print."""
+    if not isinstance(peer, tuple):
+        return str(peer)
+    host, port = peer[0], peer[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -72,22 +65,18 @@ class Connection(asyncio.Protocol):
         "bytes_in",
         "bytes_out",
         "closing",
-        "host",
         "last_rx",
         "opened",
         "paused",
-        "port",
         "reader",
         "started_at",
         "transport",
         "worker",
     )
 
-    def __init__(self, worker: Worker, peer: Any = None) -> None:
+    def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.transport: Any = None
-        # accept()'s address tuple, or None when libuv accepted: connection_made asks the socket.
-        self.host, self.port = split_peer(peer) if peer is not None else ("", None)
         self.reader: QuestionReader | None = None  # see the module's "Memory"
         self.answered = self.bytes_in = self.bytes_out = 0
         self.opened = self.last_rx = _monotonic()
@@ -101,8 +90,6 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        if not self.host:  # accepted by libuv, not by the worker
-            self.host, self.port = split_peer(transport.get_extra_info("peername"))
         transport.set_write_buffer_limits(*self.worker.write_limits)
         if not self.worker.connection_made(self):
             self.closing = OVER_CAPACITY
@@ -236,6 +223,13 @@ class Connection(asyncio.Protocol):
                 fields = {"unfinished": printable(partial)}
         self.worker.connection_lost(self, reason, fields)
 
+    def peer(self) -> str:
+        """The client's address, ``host:port`` (asked when needed: uvloop keeps it after the close)."""
+        try:
+            return format_peer(self.transport.get_extra_info("peername"))
+        except Exception:  # noqa: BLE001 - a transport that cannot say: the line still goes out
+            return "unknown"
+
     @property
     def partial(self) -> bytes:
         """Received bytes not answered yet."""
@@ -256,22 +250,24 @@ class ProxiedConnection(Connection):
     malformed header closes the connection; each is logged in the
     ``connection_closed`` line (reason ``proxy_*``, ``proxy_error``).  The
     header counts as a started request: it must arrive within
-    REQUEST_TIMEOUT.  The header's client address becomes :attr:`peer`; the
+    REQUEST_TIMEOUT.  The header's client address becomes :meth:`peer`; the
     load balancer's goes to :attr:`via`.
     """
 
-    __slots__ = ("header", "proxy_error", "via")
+    __slots__ = ("client", "header", "proxy_error", "via")
 
-    def __init__(self, worker: Worker, peer: Any = None) -> None:
-        super().__init__(worker, peer)
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker)
         self.header: bytes | None = b""  # the header's bytes so far; None once parsed
+        self.client: str | None = None  # the header's client address, once parsed
         self.via: str | None = None
         self.proxy_error: str | None = None
         self.started_at = self.opened
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        host = self.host if self.port is not None else None
+        address = transport.get_extra_info("peername")
+        host = address[0] if isinstance(address, tuple) else None
         if not proxy.is_trusted(host, self.worker.proxy_trusted):
             self._reject("proxy_untrusted", "peer not in PROXY_TRUSTED")
 
@@ -302,13 +298,17 @@ class ProxiedConnection(Connection):
         commands = self.worker.stats.proxy_headers
         commands[header.command] = commands.get(header.command, 0) + 1
         if header.source is not None:
-            self.via = format_peer(self.host, self.port)
-            self.host, self.port = split_peer(header.source)
+            self.via = Connection.peer(self)
+            self.client = format_peer(header.source)
         rest = buf[header.length :]
         if rest:
             Connection.data_received(self, rest)
         else:
             self.started_at = None
+
+    def peer(self) -> str:
+        """The header's client address once parsed, else the load balancer's."""
+        return self.client if self.client is not None else Connection.peer(self)
 
     def _reject(self, reason: str, error: str) -> None:
         self.proxy_error = error

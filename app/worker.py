@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from app import exits, listener, proxy, zen
 from app.config import Settings, derived_max_connections
-from app.connection import LINGER_MAX, LINGER_QUIET, OVER_CAPACITY, Connection, ProxiedConnection, format_peer
+from app.connection import LINGER_MAX, LINGER_QUIET, OVER_CAPACITY, Connection, ProxiedConnection
 from app.protocol import QuestionReader
 
 if TYPE_CHECKING:
@@ -302,7 +302,7 @@ class Worker:
                 self._pause_full()
                 return
             try:
-                fd, addr = self.sock._accept()  # type: ignore[attr-defined]  # noqa: SLF001 - accept() minus its enum conversions
+                fd, _addr = self.sock._accept()  # type: ignore[attr-defined]  # noqa: SLF001 - accept() minus its enum conversions
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -316,12 +316,12 @@ class Worker:
             self.pending += 1
             self.stats.accepted += 1
             conn = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
-            self.loop.create_task(self._connect(conn, addr))
+            self.loop.create_task(self._connect(conn))
 
-    async def _connect(self, conn: socket.socket, addr: Any) -> None:
+    async def _connect(self, conn: socket.socket) -> None:
         assert self.loop is not None
         try:
-            await self.loop.connect_accepted_socket(lambda: self.connection_class(self, addr), conn)
+            await self.loop.connect_accepted_socket(lambda: self.connection_class(self), conn)
         except OSError as exc:  # the peer was gone before we could wrap it
             conn.close()
             self.log.debug("connection_setup_failed", error=str(exc))
@@ -372,6 +372,7 @@ class Worker:
         return True
 
     def connection_lost(self, conn: Connection, reason: str, fields: dict[str, Any]) -> None:
+        peer = conn.peer()  # before remove() lets go of the transport
         if conn.closing != OVER_CAPACITY:  # those were never added
             self.conns.remove(conn)
         stats = self.stats
@@ -381,7 +382,7 @@ class Worker:
             self.metrics.connection_closed(_monotonic() - conn.opened)
         self.conn_log.info(
             "connection_closed",
-            peer=format_peer(conn.host, conn.port),
+            peer=peer,
             reason=reason,
             answered=conn.answered,
             bytes_in=conn.bytes_in,

@@ -25,8 +25,8 @@ def worker() -> Iterator[Worker]:
 
 def _open(worker: Worker, n: int) -> list[Connection]:
     conns = []
-    for i in range(n):
-        conn = Connection(worker, ("127.0.0.1", 1000 + i))
+    for _ in range(n):
+        conn = Connection(worker)
         conn.transport = object()  # open: the registry marks a removed one by clearing it
         conns.append(conn)
     return conns
