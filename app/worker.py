@@ -145,6 +145,10 @@ class Worker:
         self.sock = sock
         self.log = log
         self.conn_log = conn_log if conn_log is not None else log
+        #: log_closed(event, fields): the close line's call, without keyword packing when the logger has one.
+        self.log_closed: Callable[[str, dict[str, Any]], None] = getattr(
+            self.conn_log, "info_fields", lambda event, fields: self.conn_log.info(event, **fields)
+        )
         self._family = sock.family
         self.on_ready = on_ready
         self.parent_pid = parent_pid
@@ -380,16 +384,17 @@ class Worker:
         stats.closes[reason] = stats.closes.get(reason, 0) + 1
         if self.metrics is not None:
             self.metrics.connection_closed(_monotonic() - conn.opened)
-        self.conn_log.info(
-            "connection_closed",
-            peer=peer,
-            reason=reason,
-            answered=conn.answered,
-            bytes_in=conn.bytes_in,
-            bytes_out=conn.bytes_out,
-            duration_ms=int((_monotonic() - conn.opened) * 1e6) / 1000,  # not round(): it formats and parses
-            **fields,
-        )
+        line = {
+            "peer": peer,
+            "reason": reason,
+            "answered": conn.answered,
+            "bytes_in": conn.bytes_in,
+            "bytes_out": conn.bytes_out,
+            "duration_ms": int((_monotonic() - conn.opened) * 1e6) / 1000,  # not round(): it formats and parses
+        }
+        if fields:
+            line.update(fields)
+        self.log_closed("connection_closed", line)
         if self.paused_full and self.conns.count + self.pending < self.settings.max_connections:
             self.paused_full = False
             self.log.info("accept_resumed", connections=self.conns.count)

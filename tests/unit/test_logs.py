@@ -180,3 +180,14 @@ def test_interval_zero_writes_each_line_at_once(datagrams: tuple[socket.socket, 
         return writes(r)
 
     assert len(asyncio.run(scenario())) == 2
+
+
+def test_info_fields_is_info_without_keyword_packing(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    settings = Settings(log_format="json", log_flush_interval=0)
+    logger = logs.HotLogger(settings, fd=w, worker=1)
+    logger.info("connection_closed", **FIELDS)
+    logger.info_fields("connection_closed", dict(FIELDS))
+    by_keywords, by_dict = (json.loads(line) for line in lines(r))
+    del by_keywords["timestamp"], by_dict["timestamp"]
+    assert list(by_keywords.items()) == list(by_dict.items())
