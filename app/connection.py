@@ -90,7 +90,8 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        transport.set_write_buffer_limits(*self.worker.write_limits)
+        high, low = self.worker.write_limits
+        transport.set_write_buffer_limits(high, low)
         if not self.worker.connection_made(self):
             self.closing = OVER_CAPACITY
             transport.close()
@@ -226,9 +227,12 @@ class Connection(asyncio.Protocol):
     def peer(self) -> str:
         """The client's address, ``host:port`` (asked when needed: uvloop keeps it after the close)."""
         try:
-            return format_peer(self.transport.get_extra_info("peername"))
+            address = self.transport.get_extra_info("peername")
         except Exception:  # noqa: BLE001 - a transport that cannot say: the line still goes out
             return "unknown"
+        if type(address) is tuple and ":" not in address[0]:
+            return f"{address[0]}:{address[1]}"  # IPv4, the usual case, without format_peer's call
+        return format_peer(address)
 
     @property
     def partial(self) -> bytes:
