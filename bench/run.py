@@ -10,7 +10,7 @@ Only ratios measured side by side mean anything on a shared machine: each
 round runs zenref and then ours, and the ratio printed is the median of the
 rounds' ratios, with their range.
 
-Usage: python bench/run.py [--duration 5] [--rounds 5] [--modes pingpong,pipeline,churn] [--hold 10000]
+Usage: python bench/run.py [--duration 8] [--rounds 5] [--modes pingpong,pipeline,churn] [--hold 10000]
                            [--host-network]
 Extra environment for our server (e.g. ADMIN_PORT=9101) is passed through.
 """
@@ -232,7 +232,7 @@ def pair_ratios(refs: list[Result], ours: list[Result]) -> list[float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured window (shorter: noisier)")
     parser.add_argument("--modes", default="pingpong,pipeline,churn")
     parser.add_argument("--hold", type=int, default=10000, help="idle connections for the RSS figure (0: skip)")
     parser.add_argument("--rounds", type=int, default=5, help="alternate the servers this many times; medians are kept")
