@@ -69,13 +69,16 @@ class _Timestamp:
         self._prefix = ""
 
     def __call__(self, _logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
-        now = time.time()
-        second = int(now)
+        event["timestamp"] = self.text(int(_time() * 1000))
+        return event
+
+    def text(self, ms: int) -> str:
+        """The timestamp of ``ms`` milliseconds since the epoch."""
+        second = ms // 1000
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
-        return event
+        return f"{self._prefix}.{ms % 1000:03d}Z"
 
 
 def _json_default(value: Any) -> str:
@@ -160,14 +163,13 @@ class HotLogger:
         "__weakref__",
         "_batch",
         "_batched",
+        "_clock",
         "_fd",
         "_flush_interval",
         "_flush_pending",
         "_json",
         "_ms",
         "_prefix",
-        "_second",
-        "_second_text",
         "_slow",
         "_stamp",
         "_suffixes",
@@ -180,9 +182,8 @@ class HotLogger:
         self._prefix = rendered[:-1] + b"," if bound else b"{"  # what every line starts with
         self._suffixes: dict[str, bytes] = {}  # event -> its ',"event":...,"timestamp":"'
         self._slow = get_logger(**bound)
+        self._clock = _Timestamp()
         self._ms = -1
-        self._second = -1
-        self._second_text = ""
         self._stamp = b""  # the timestamp's text, its closing quote and the line's end
         self._flush_interval = settings.log_flush_interval
         self._batch: list[bytes] = []
@@ -231,11 +232,7 @@ class HotLogger:
 
     def _restamp(self, ms: int) -> None:
         self._ms = ms
-        second = ms // 1000
-        if second != self._second:
-            self._second = second
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        self._stamp = f'{self._second_text}.{ms % 1000:03d}Z"}}\n'.encode()
+        self._stamp = self._clock.text(ms).encode() + b'"}\n'
 
     def _timed_flush(self) -> None:
         self._flush_pending = False
