@@ -382,15 +382,16 @@ class Worker:
         stats = self.stats
         stats.answered += conn.answered
         stats.closes[reason] = stats.closes.get(reason, 0) + 1
+        elapsed = _monotonic() - conn.opened
         if self.metrics is not None:
-            self.metrics.connection_closed(_monotonic() - conn.opened)
+            self.metrics.connection_closed(elapsed)
         line = {
             "peer": peer,
             "reason": reason,
             "answered": conn.answered,
             "bytes_in": conn.bytes_in,
             "bytes_out": conn.bytes_out,
-            "duration_ms": int((_monotonic() - conn.opened) * 1e6) / 1000,  # not round(): it formats and parses
+            "duration_ms": int(elapsed * 1e6) / 1000,  # not round(): it formats and parses
         }
         if fields:
             line.update(fields)
