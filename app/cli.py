@@ -18,13 +18,13 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def _serve(_args: argparse.Namespace, settings: Settings) -> int:
-    from app.master import serve_master  # noqa: PLC0415
+    from app.server.master import serve_master  # noqa: PLC0415
 
     return serve_master(settings)
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from app.worker import serve_worker_process  # noqa: PLC0415
+    from app.server.worker import serve_worker_process  # noqa: PLC0415
 
     return serve_worker_process(settings, fd=args.fd, slot=args.slot, ready_fd=args.ready_fd, parent_pid=args.parent)
 
@@ -44,7 +44,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _client(args: argparse.Namespace, settings: Settings) -> int:
-    from app.client import ZenClient, connect_host  # noqa: PLC0415
+    from app.tools.client import ZenClient, connect_host  # noqa: PLC0415
 
     questions = [q.encode() for q in args.question] or [line.strip().encode() for line in sys.stdin if line.strip()]
     host = args.host or connect_host(settings.host)
@@ -61,7 +61,7 @@ def _client(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _check(args: argparse.Namespace, settings: Settings) -> int:
-    from app.client import check  # noqa: PLC0415
+    from app.tools.client import check  # noqa: PLC0415
 
     healthy, message = check(
         args.host or settings.host,
@@ -87,13 +87,13 @@ def _lab(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
-    from app.bench import main as bench_main  # noqa: PLC0415
+    from app.tools.bench import main as bench_main  # noqa: PLC0415
 
     return bench_main(args.args, settings)
 
 
 def _compare(args: argparse.Namespace, settings: Settings) -> int:
-    from app.compare import main as compare_main  # noqa: PLC0415
+    from app.tools.compare import main as compare_main  # noqa: PLC0415
 
     return compare_main(args.args, settings)
 

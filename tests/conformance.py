@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from app import zen
+from app.core import zen
 
 Q1, Q2, Q3 = b"Beautiful is better than?", b"Explicit is better than?", b"Simple is better than?"
 A1, A2, A3 = b"Ugly.", b"Implicit.", b"Complex."

@@ -5,7 +5,7 @@ Owns: the registry of lab servers (name -> module, one-line description) and
 environment configuration as the production server (``HOST``, ``PORT``,
 ``MAX_REQUEST_BYTES``, ``LAB_POOL_SIZE``...).
 
-Never: parses bytes or chooses answers (``app.protocol`` and ``app.zen`` do,
+Never: parses bytes or chooses answers (``app.core.protocol`` and ``app.core.zen`` do,
 for every server alike), and never runs two servers in one process.
 
 Every lab server logs one ``server_ready`` event carrying the bound port

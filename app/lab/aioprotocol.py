@@ -13,10 +13,10 @@ import asyncio
 import time
 from typing import Any, Final
 
-from app import zen
 from app.config import Settings
+from app.core import zen
+from app.core.protocol import QuestionReader
 from app.lab.shell import LINGER_BYTES, LINGER_SECONDS, announce_ready, open_listener, run_asyncio
-from app.protocol import QuestionReader
 
 TICK: Final = 0.5
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from app import zen
 from app.config import Settings
+from app.core import zen
+from app.core.protocol import QuestionReader
 from app.lab.shell import LINGER_BYTES, LINGER_SECONDS, RECV_SIZE, announce_ready, open_listener, run_asyncio
-from app.protocol import QuestionReader
 
 
 async def _linger(stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

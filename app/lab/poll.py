@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from app import zen
 from app.config import Settings
+from app.core import zen
+from app.core.protocol import QuestionReader
 from app.lab.shell import LINGER_BYTES, LINGER_SECONDS, RECV_SIZE, announce_ready, open_listener
-from app.listener import tune_accepted
-from app.protocol import QuestionReader
+from app.server.listener import tune_accepted
 
 #: Timeouts are checked by one sweep at most this often (like the worker's).
 TICK: Final = 0.5

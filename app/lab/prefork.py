@@ -4,7 +4,7 @@ Owns: starting ``LAB_POOL_SIZE`` children with the "fork" start method,
 which inherit the listening socket, and ending them when it stops.  Its
 weakness is the fixed pool's: N+1 idle clients make the next one wait; and
 each child is a whole interpreter.
-Never: respawns a child; ``app.master`` is the production version of this idea.
+Never: respawns a child; ``app.server.master`` is the production version of this idea.
 """
 
 from __future__ import annotations

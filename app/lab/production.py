@@ -1,8 +1,8 @@
 """The production server in the lab: the per-core master, or one worker in-process.
 
-Owns: adapting ``app.master`` and ``app.worker`` to ``python -m app lab``
+Owns: adapting ``app.server.master`` and ``app.server.worker`` to ``python -m app lab``
 (``percore`` is exactly ``python -m app serve``; ``worker`` runs one
-:class:`app.worker.Worker` on one socket in this process: the same code on
+:class:`app.server.worker.Worker` on one socket in this process: the same code on
 one core, to compare with the single-loop lab servers).
 Never: reimplements anything of the production server.
 """
@@ -21,13 +21,13 @@ from app.lab.shell import announce_ready, open_listener
 def serve(settings: Settings, *, name: str, percore: bool = False, **_options: Any) -> int:
     """Run the production server (``percore``) or one production worker in this process."""
     if percore:
-        from app.master import serve_master  # noqa: PLC0415
+        from app.server.master import serve_master  # noqa: PLC0415
 
         return serve_master(settings)
     import uvloop  # noqa: PLC0415
 
     from app import logs  # noqa: PLC0415
-    from app.worker import Worker  # noqa: PLC0415
+    from app.server.worker import Worker  # noqa: PLC0415
 
     listener = open_listener(settings, blocking=False)
     log = logs.get_logger(worker=0, pid=os.getpid())

@@ -18,10 +18,11 @@ import time
 from collections.abc import Coroutine
 from typing import Any, Final
 
-from app import logs, zen
+from app import logs
 from app.config import Settings
-from app.listener import bind_socket, tune_accepted
-from app.protocol import QuestionReader
+from app.core import zen
+from app.core.protocol import QuestionReader
+from app.server.listener import bind_socket, tune_accepted
 
 #: One recv() per wakeup; 64 KiB is the loopback segment size and asyncio's default.
 RECV_SIZE: Final = 65536

@@ -35,8 +35,8 @@ from typing import Final, Self
 
 import uvloop
 
-from app import zen
-from app.protocol import AnswerReader
+from app.core import zen
+from app.core.protocol import AnswerReader
 
 BOOK: Final = (
     (b"Beautiful is better than?", b"Ugly."),

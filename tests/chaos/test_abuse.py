@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from app import zen
+from app.core import zen
 
 from .load import LoadGenerator, Tally
 from .server import Server, open_server, raise_nofile

@@ -18,7 +18,8 @@ from typing import Any
 import psutil
 import pytest
 
-from app import exits, master
+from app import exits
+from app.server import master
 
 from .load import Failure, LoadGenerator, Tally
 from .server import Server, listen_queues, open_server

@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from app import config, worker
+from app import config
+from app.server import worker
 from tests.server import free_port
 
 from .server import Server, open_server

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import zen
-from app.protocol import AnswerReader, QuestionReader
+from app.core import zen
+from app.core.protocol import AnswerReader, QuestionReader
 
 from .server import Server, open_server
 

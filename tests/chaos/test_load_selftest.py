@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from app import zen
-from app.protocol import QuestionReader
+from app.core import zen
+from app.core.protocol import QuestionReader
 from tests.server import free_port
 
 from .load import LoadGenerator, Tally

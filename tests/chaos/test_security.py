@@ -25,7 +25,7 @@ import orjson
 import psutil
 import pytest
 
-from app import zen
+from app.core import zen
 from tests.server import free_port
 
 from .server import Server, open_server
@@ -34,7 +34,14 @@ pytestmark = pytest.mark.slow
 
 APP = Path(__file__).resolve().parents[2] / "app"
 #: The modules that receive client bytes.
-CLIENT_FACING = ("protocol.py", "zen.py", "connection.py", "worker.py", "logs.py", "proxy.py")
+CLIENT_FACING = (
+    "core/protocol.py",
+    "core/zen.py",
+    "server/connection.py",
+    "server/worker.py",
+    "logs.py",
+    "core/proxy.py",
+)
 FORBIDDEN_BUILTINS = frozenset({"eval", "exec", "compile", "__import__"})
 FORBIDDEN_MODULES = frozenset({"subprocess", "pickle", "marshal", "shlex", "pty"})
 FORBIDDEN_OS = frozenset({"system", "popen", "execv", "execve", "execvp", "spawnv", "spawnl", "posix_spawn", "fork"})

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from app import zen
-from app.client import ZenClient
+from app.core import zen
+from app.tools.client import ZenClient
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = REPO / ".venv"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from app.client import ZenClient
+from app.tools.client import ZenClient
 from tests.deploy.podman import Podman as PodmanCli
 from tests.deploy.podman import PodmanUnavailableError, ensure_rootfs_tarball, open_podman, pip_build_args
 from tests.deploy.support import ANSWER, REPO, wait_answer, wait_for

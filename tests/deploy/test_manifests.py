@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from app.config import SETTINGS
-from app.master import KILL_GRACE
+from app.server.master import KILL_GRACE
 from tests.deploy.support import REPO, VENV_BIN
 
 GRACEFUL_TIMEOUT = next(s.default for s in SETTINGS if s.name == "GRACEFUL_TIMEOUT")

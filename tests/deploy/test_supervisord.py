@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from app.client import ZenClient
+from app.tools.client import ZenClient
 from tests.deploy.support import ANSWER, REPO, VENV, VENV_BIN, wait_answer, wait_for
 from tests.server import free_port
 

@@ -12,8 +12,8 @@ import pytest
 import uvloop
 
 from app.config import Settings
-from app.listener import bind_socket
-from app.worker import Worker
+from app.server.listener import bind_socket
+from app.server.worker import Worker
 
 
 class EventLog:

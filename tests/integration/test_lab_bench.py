@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from app.lab.process import RunningServer, running_server
+from app.tools.process import RunningServer, running_server
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

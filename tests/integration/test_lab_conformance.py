@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from app.client import ZenClient
 from app.lab import SERVERS
-from app.lab.process import RunningServer, running_server, stop_server
+from app.tools.client import ZenClient
+from app.tools.process import RunningServer, running_server, stop_server
 from tests.conformance import CASES, Case, check_case
 
 NAMES = [s.name for s in SERVERS]

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from app import bench
-from app.lab.process import RunningServer, running_server
-from app.lab.scenarios import memory_at, probe_while_idle
+from app.tools import bench
+from app.tools.process import RunningServer, running_server
+from app.tools.scenarios import memory_at, probe_while_idle
 
 POOL = 3
 ENV = {"LAB_POOL_SIZE": str(POOL), "WORKERS": "2"}

@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import metrics, proxy, zen
-from app.admin import MasterStatus
 from app.config import Settings
-from app.master import Master
-from app.worker import Stats
+from app.core import proxy, zen
+from app.server import metrics
+from app.server.admin import MasterStatus
+from app.server.master import Master
+from app.server.worker import Stats
 from tests.conformance import recv_exactly, recv_until_eof
 from tests.server import ServerProcess, free_port, start_server
 

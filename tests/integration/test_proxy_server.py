@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from app import proxy, zen
-from app.connection import Connection, ProxiedConnection
+from app.core import proxy, zen
+from app.server.connection import Connection, ProxiedConnection
 from tests.conformance import recv_exactly, recv_until_eof
 from tests.integration.conftest import FAST, RunningWorker, run_worker
 from tests.server import start_server

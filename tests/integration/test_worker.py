@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from app import zen
-from app.client import ZenClient
+from app.core import zen
+from app.tools.client import ZenClient
 from tests.conformance import CASES, Case, check_case, recv_exactly, recv_until_eof
 from tests.integration.conftest import FAST, NATIVE, RunningWorker, run_worker
 

@@ -14,8 +14,9 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from app import exits, zen
-from app.client import ZenClient
+from app import exits
+from app.core import zen
+from app.tools.client import ZenClient
 from tests.conformance import recv_exactly
 from tests.server import REPO, Event, free_port, start_server
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app import listener, worker
+from app.server import listener, worker
 
 
 def _somaxconn() -> int:

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from app import bench
 from app.config import Settings
+from app.tools import bench
 
 
 def test_verifier_counts_answers_split_anywhere() -> None:

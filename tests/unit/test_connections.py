@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from app.config import Settings
-from app.connection import Connection
-from app.worker import COMPACT_SLACK, Connections, Worker
+from app.server.connection import Connection
+from app.server.worker import COMPACT_SLACK, Connections, Worker
 
 
 class _Log:

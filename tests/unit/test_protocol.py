@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app import zen
-from app.protocol import LONE_QUESTION, AnswerReader, QuestionReader, printable
+from app.core import zen
+from app.core.protocol import LONE_QUESTION, AnswerReader, QuestionReader, printable
 
 Q1, Q2, Q3 = b"Beautiful is better than?", b"Explicit is better than?", b"Simple is better than?"
 

@@ -1,4 +1,4 @@
-"""Byte-level tests of app.proxy against HAProxy's proxy-protocol.txt (its examples and rules)."""
+"""Byte-level tests of app.core.proxy against HAProxy's proxy-protocol.txt (its examples and rules)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app import proxy
-from app.proxy import MissingProxyHeaderError, ProxyHeader, ProxyHeaderError, parse_header
+from app.core import proxy
+from app.core.proxy import MissingProxyHeaderError, ProxyHeader, ProxyHeaderError, parse_header
 
 SIG = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"  # spec 2.2, byte for byte
 

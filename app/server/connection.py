@@ -23,11 +23,11 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from app import proxy, zen
-from app.protocol import LONE_QUESTION, QuestionReader, printable
+from app.core import proxy, zen
+from app.core.protocol import LONE_QUESTION, QuestionReader, printable
 
 if TYPE_CHECKING:
-    from app.worker import Worker
+    from app.server.worker import Worker
 
 #: Answers written per batch before checking backpressure again; a batch of
 #: unknown-aphorism errors is at most 256 * 24 = 6 KiB.

@@ -1,10 +1,10 @@
 """The weakness probes: what each architecture of the chapter cannot do, shown on a running server.
 
 Owns: four behavioural checks against a server started by
-``app.lab.process``: does a second client get an answer while the first is
+``app.tools.process``: does a second client get an answer while the first is
 connected and idle; does client N+1 get an answer while N idle clients are
 connected; what N held connections cost in memory, threads and processes;
-how many processes and cores a load really uses.  ``app.compare`` reports
+how many processes and cores a load really uses.  ``app.tools.compare`` reports
 them for every server; the integration tests assert them.
 
 Never: starts or stops a server, and never sends anywhere but the server's
@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from app import zen
-from app.lab.process import RunningServer
+from app.core import zen
+from app.tools.process import RunningServer
 
 QUESTION: Final = zen.PROBE_QUESTION
 ANSWER: Final = zen.PROBE_ANSWER

@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Self
 
-from app import zen
-from app.protocol import AnswerReader
+from app.core import zen
+from app.core.protocol import AnswerReader
 
 
 class ZenClient:
@@ -85,7 +85,7 @@ def probe_preamble(proxy_protocol: str) -> bytes:
     ``PROXY UNKNOWN``: the server accepts either from a trusted peer and
     keeps the connection's real address.
     """
-    from app import proxy  # noqa: PLC0415 - only with PROXY_PROTOCOL on
+    from app.core import proxy  # noqa: PLC0415 - only with PROXY_PROTOCOL on
 
     if proxy_protocol == "off":
         return b""

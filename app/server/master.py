@@ -27,10 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from app import exits, metrics
-from app.admin import AdminServer, MasterStatus
+from app import exits
 from app.config import Settings
-from app.listener import bind_slots, bind_socket
+from app.server import metrics
+from app.server.admin import AdminServer, MasterStatus
+from app.server.listener import bind_slots, bind_socket
 
 #: A slot that crashes CRASH_LIMIT times within CRASH_WINDOW seconds stops
 #: the master (exit code ``exits.CRASH_LOOP``): a process manager above

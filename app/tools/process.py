@@ -4,7 +4,7 @@ Owns: ``python -m app lab NAME`` as a subprocess with its log in a file,
 waiting for its ``server_ready`` event (which carries the port), the RSS,
 CPU time and thread/process counts of its whole process tree, and ending
 exactly the processes it started (the server, then any child left over).
-Used by ``app.compare`` and the integration tests.
+Used by ``app.tools.compare`` and the integration tests.
 
 Never: kills by name, or anything outside the tree of the process it spawned.
 """

@@ -32,7 +32,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from app import zen
+from app.core import zen
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

@@ -26,13 +26,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from app import exits, listener, proxy, zen
+from app import exits
 from app.config import Settings, derived_max_connections
-from app.connection import LINGER_MAX, LINGER_QUIET, OVER_CAPACITY, Connection, ProxiedConnection
-from app.protocol import QuestionReader
+from app.core import proxy, zen
+from app.core.protocol import QuestionReader
+from app.server import listener
+from app.server.connection import LINGER_MAX, LINGER_QUIET, OVER_CAPACITY, Connection, ProxiedConnection
 
 if TYPE_CHECKING:
-    from app.metrics import WorkerMetrics
+    from app.server.metrics import WorkerMetrics
 
 #: Accepts per readiness event, so a connection storm cannot starve reads.
 ACCEPT_BATCH: Final = 64
@@ -501,7 +503,7 @@ def serve_worker_process(settings: Settings, *, fd: int, slot: int, ready_fd: in
     conn_log = logs.HotLogger(settings, worker=slot, pid=os.getpid())
     metrics = None
     if settings.admin_port:
-        from app.metrics import WorkerMetrics  # noqa: PLC0415 - prometheus-client only with metrics on
+        from app.server.metrics import WorkerMetrics  # noqa: PLC0415 - prometheus-client only with metrics on
 
         metrics = WorkerMetrics(settings)
     worker = Worker(settings, sock, log=log, conn_log=conn_log, on_ready=ready, parent_pid=parent_pid, metrics=metrics)

@@ -1,9 +1,9 @@
 """The measured comparison: every lab server under the same loads, plus the weakness scenarios.
 
 Owns: ``python -m app compare``: for each server of ``app.lab`` in turn,
-start it (``app.lab.process``), run the same loads with ``app.bench``
+start it (``app.tools.process``), run the same loads with ``app.tools.bench``
 (pingpong, pipeline, churn), measure the CPU its process tree used, run the
-scenarios of ``app.lab.scenarios`` (a second client while one idles; client
+scenarios of ``app.tools.scenarios`` (a second client while one idles; client
 N+1 of a fixed pool; memory, threads and processes at N held connections),
 stop it; then print the table and write ``report.md``, ``results.json`` and
 three PNG plots (matplotlib) into the output directory.
@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from app import bench
 from app.config import Settings
 from app.lab import BY_NAME, SERVERS
-from app.lab.process import RunningServer, Tree, running_server
-from app.lab.scenarios import memory_at, probe_while_idle
+from app.tools import bench
+from app.tools.process import RunningServer, Tree, running_server
+from app.tools.scenarios import memory_at, probe_while_idle
 
 #: The loads every server gets: (mode, share of --connections).  The deep
 #: pipeline is the load where the server, not the client, does most work:

@@ -8,7 +8,7 @@ counting, latency percentiles, the progress bar, the table and the one JSON
 line at the end.  Load runs in several processes (a uvloop client loop
 each) so that the generator is not the bottleneck of a Python server.
 
-Never: starts or stops servers (``app.compare`` and ``app.lab.process`` do)
+Never: starts or stops servers (``app.tools.compare`` and ``app.tools.process`` do)
 and never sends anywhere but the address it is given.  Every loop is
 bounded by the duration and the per-answer timeout.
 """
@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from app import zen
 from app.config import Settings
+from app.core import zen
 
 MODES: Final = ("pingpong", "pipeline", "churn", "hold")
 #: The book's client asks these three, one at a time; every load cycles through them.
@@ -496,7 +496,7 @@ def run_with_progress(spec: LoadSpec, *, show: bool) -> Tally:
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
     """Options of ``python -m app bench`` (defaults from HOST/PORT)."""
-    from app.client import connect_host  # noqa: PLC0415
+    from app.tools.client import connect_host  # noqa: PLC0415
 
     p = argparse.ArgumentParser(prog="python -m app bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default=connect_host(settings.host), help="server address (default: from HOST)")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from app import metrics
+from app.server import metrics
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
