@@ -11,6 +11,9 @@ and never writes client bytes unescaped (see ``protocol.printable``).
 Each line goes out in one ``write(2)`` on the file descriptor, so lines of
 the master and its workers, which share stdout, never interleave; the line
 per connection is batched (:class:`HotLogger`), in writes that stay whole too.
+The writes go through the process's :class:`app.logsink.LogSink`, which
+never blocks on a stalled reader (bounded buffer, dropped lines counted and
+reported by a ``logs_dropped`` event).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from app.config import Settings
+from app.logsink import DEFAULT_LIMIT, LogSink
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -102,6 +106,8 @@ def configure(settings: Settings, fd: int | None = None) -> None:
         fd = sys.stdout.fileno()
     renderer: Any
     renderer = _render_json if use_json(settings, fd) else structlog.dev.ConsoleRenderer(colors=os.isatty(fd))
+    limit = getattr(settings, "log_buffer_bytes", DEFAULT_LIMIT)
+    _sinks[fd] = LogSink(fd, limit, dropped_line=lambda n: _dropped_line(renderer, n))
     structlog.configure(
         processors=[structlog.processors.add_log_level, _Timestamp(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.log_level]),
@@ -130,14 +136,42 @@ def flush_batches() -> None:
         logger.flush()
 
 
-atexit.register(flush_batches)
+def _at_exit() -> None:
+    """Batched lines out, then one last try for what waits in the sinks (never blocking)."""
+    flush_batches()
+    for found in list(_sinks.values()):
+        found.flush()
+
+
+atexit.register(_at_exit)
+
+
+#: The process's sink per log descriptor (one in practice: stdout; tests use pipes).
+_sinks: dict[int, LogSink] = {}
+
+
+def sink(fd: int | None = None) -> LogSink:
+    """The sink of ``fd`` (default stdout), made on first use if :func:`configure` did not."""
+    if fd is None:
+        fd = sys.stdout.fileno()
+    found = _sinks.get(fd)
+    if found is None:
+        found = _sinks[fd] = LogSink(fd)
+    return found
+
+
+def _dropped_line(renderer: Any, count: int) -> bytes:
+    """The ``logs_dropped`` event, rendered as this process renders every event."""
+    event = {"pid": os.getpid(), "dropped": count, "event": "logs_dropped", "level": "warning"}
+    event["timestamp"] = _Timestamp().text(int(_time() * 1000))
+    line = renderer(None, "warning", event)
+    return (line.encode("utf-8", "backslashreplace") if isinstance(line, str) else line) + b"\n"
 
 
 def _write(fd: int, data: bytes) -> None:
-    try:
-        os.write(fd, data)
-    except (BrokenPipeError, BlockingIOError):
-        pass  # a log reader that went away or stalls must not stop the server
+    """Whole lines out through the fd's sink: never blocks (see ``app.logsink``)."""
+    found = _sinks.get(fd)
+    (found if found is not None else sink(fd)).write(data)
 
 
 class HotLogger:
