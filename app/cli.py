@@ -1,6 +1,6 @@
 """Command line: argv -> subcommand.  No logic here; each command lives in its module.
 
-Subcommands: serve (the default), client, config, check, and the internal
+Subcommands: serve (the default), config, client, check, lab, bench, compare, and the internal
 ``worker`` that the master starts.  Imports are lazy so that ``client`` and
 ``check`` start fast and never load the server.
 """
@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from app import exits
 from app.config import ConfigError, Settings, load
+from app.exits import Exit, Probe
 
 Command = Callable[[argparse.Namespace, Settings], int]
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]  # noqa: SLF001 (argparse's own name for it)
 
 
 def _serve(_args: argparse.Namespace, settings: Settings) -> int:
@@ -34,13 +37,13 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.markdown:
         print(markdown())
-        return exits.OK
+        return Exit.OK
 
     table = rows(settings)
     width = max(len(name) for name, _, _ in table)
     for name, value, source in table:
         print(f"{name:<{width}}  {value!s:<16}  ({source})")
-    return exits.OK
+    return Exit.OK
 
 
 def _client(args: argparse.Namespace, settings: Settings) -> int:
@@ -56,8 +59,8 @@ def _client(args: argparse.Namespace, settings: Settings) -> int:
                 print(answer.decode("utf-8", "backslashreplace"))
     except (OSError, ValueError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return exits.OK
+        return Probe.UNHEALTHY  # no answer: what the probe reports too
+    return Probe.HEALTHY
 
 
 def _check(args: argparse.Namespace, settings: Settings) -> int:
@@ -70,7 +73,7 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
         proxy_protocol=settings.proxy_protocol,
     )
     print(message, file=sys.stdout if healthy else sys.stderr)
-    return exits.OK if healthy else exits.UNHEALTHY
+    return Probe.HEALTHY if healthy else Probe.UNHEALTHY
 
 
 def _lab(args: argparse.Namespace, settings: Settings) -> int:
@@ -79,10 +82,10 @@ def _lab(args: argparse.Namespace, settings: Settings) -> int:
     if args.list or args.name is None:
         for name, text in describe():
             print(f"{name:<24} {text}")
-        return exits.OK
+        return Exit.OK
     if args.name not in BY_NAME:
         print(f"unknown lab server {args.name!r}; see 'python -m app lab --list'", file=sys.stderr)
-        return exits.CONFIG
+        return Exit.CONFIG
     return serve_lab(args.name, settings)
 
 
@@ -106,21 +109,43 @@ def build_parser() -> argparse.ArgumentParser:
         "see 'python -m app config'.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_server_commands(sub)
+    _add_probe_commands(sub)
+    _add_lab_commands(sub)
+    return parser
+
+
+def _add_server_commands(sub: Subparsers) -> None:
+    """The commands of the server itself: serve, config, and the internal worker."""
     sub.add_parser("serve", help="run the server in the foreground (the default)").set_defaults(func=_serve)
+    p = sub.add_parser("config", help="print every setting, its effective value and its source")
+    p.add_argument("--markdown", action="store_true", help="print the table of variables for the README instead")
+    p.set_defaults(func=_config)
+    p = sub.add_parser("worker")  # internal: started by the master; not listed in --help
+    for name in ("--fd", "--slot", "--ready-fd", "--parent"):
+        p.add_argument(name, type=int, required=True)
+    p.set_defaults(func=_worker)
+
+
+def _add_probe_commands(sub: Subparsers) -> None:
+    """The commands that ask a running server: client and check."""
     p = sub.add_parser("client", help="ask questions (arguments, or one per stdin line) and print the answers")
     p.add_argument("question", nargs="*", help="e.g. 'Beautiful is better than?'")
     p.add_argument("--host", help="server address (default: from HOST)")
     p.add_argument("--port", type=int, help="server port (default: from PORT)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
     p.set_defaults(func=_client)
-    p = sub.add_parser("config", help="print every setting, its effective value and its source")
-    p.add_argument("--markdown", action="store_true", help="print the table of variables for the README instead")
-    p.set_defaults(func=_config)
-    p = sub.add_parser("check", help="health probe: exit 0 on the right answer, 1 otherwise")
+    p = sub.add_parser(
+        "check", help=f"health probe: exit {Probe.HEALTHY:d} on the right answer, {Probe.UNHEALTHY:d} otherwise"
+    )
     p.add_argument("--host", help="server address (default: from HOST; a wildcard means loopback)")
     p.add_argument("--port", type=int, help="server port (default: from PORT)")
     p.add_argument("--timeout", type=float, help="seconds (default: CHECK_TIMEOUT)")
     p.set_defaults(func=_check)
+
+
+def _add_lab_commands(sub: Subparsers) -> None:
+    """The lab's servers and the tools that measure them: lab, bench, compare."""
     p = sub.add_parser("lab", help="run one of the chapter's architectures (lab --list lists them)")
     p.add_argument("name", nargs="?", help="the server to run, e.g. single, threadpool, poll, asyncio-streams")
     p.add_argument("--list", action="store_true", help="list the lab servers with a one-line description")
@@ -133,11 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, add_help=False, prefix_chars="\x00")
         p.add_argument("args", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
-    p = sub.add_parser("worker")  # internal: started by the master; not listed in --help
-    for name in ("--fd", "--slot", "--ready-fd", "--parent"):
-        p.add_argument(name, type=int, required=True)
-    p.set_defaults(func=_worker)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,8 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load()
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
-        return exits.CONFIG
+        return Exit.CONFIG
     try:
         return func(args, settings)
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED

@@ -2,7 +2,10 @@
 
 Owns: the names, types, defaults, validation and one-line docs of every
 environment variable, and reading them (with a ``.env`` file in the working
-directory) into a frozen :class:`Settings`.  This is the only module that
+directory) into a frozen :class:`Settings`.  Each variable is one field of
+:class:`Settings` declared with :func:`setting`; the loader (:func:`load`),
+the ``app config`` listing (:func:`rows`) and the README table
+(:func:`markdown`) all iterate those fields.  This is the only module that
 reads ``os.environ``; everything else receives ``Settings``.
 
 Never: binds sockets, configures logging or starts anything (the mistake of
@@ -19,10 +22,12 @@ import dataclasses
 import ipaddress
 import os
 import resource
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from dotenv import dotenv_values
 from environs import Env, EnvValidationError
@@ -30,12 +35,19 @@ from marshmallow import ValidationError
 from marshmallow.validate import OneOf, Range
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
-LOG_FORMATS: Final = ("auto", "json", "console")
+LOG_FORMATS: Final = ("json", "console", "auto")
 PROXY_MODES: Final = ("off", "v1", "v2", "any")
 
 #: File descriptors a worker keeps for itself (listener, pipes, log, the
 #: interpreter's own) when ``MAX_CONNECTIONS`` is derived from RLIMIT_NOFILE.
 FD_RESERVE: Final = 64
+
+#: Spellings of a boolean variable, compared after ``strip().lower()``.
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+_T = TypeVar("_T")
+Validator = Callable[[Any], Any]
 
 
 class ConfigError(Exception):
@@ -43,151 +55,193 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Setting:
-    """One environment variable: how to parse it, its default and its doc."""
+class _Declared:
+    """What :func:`setting` records in a field's metadata."""
 
-    name: str
-    kind: str  # environs parser: "str", "int", "float", "list"
-    default: Any
     doc: str
-    validate: Callable[[Any], Any] | None = None
+    validate: Validator | None
+    choices: tuple[str, ...]
+    env: str
+    derived: bool
+    unset: Any
 
 
-def _valid_cidrs(cidrs: list[str]) -> None:
+def setting(
+    default: _T,
+    doc: str,
+    *,
+    validate: Validator | None = None,
+    choices: tuple[str, ...] = (),
+    env: str = "",
+    derived_if: Any = ...,
+) -> _T:
+    """Declare one environment variable as a field of :class:`Settings`.
+
+    ``env`` names the variable (default: the field's name upper-cased); its
+    type picks the parser.  ``choices`` makes it case- and blank-insensitive
+    and normalised to the lower-case choice; ``{choices}`` in ``doc`` spells
+    them out.  ``derived_if`` is the variable's value (and the loader's
+    default when unset) that asks :func:`load` to derive the setting from the
+    machine; ``default`` then is only what ``Settings()`` gives, which does no
+    I/O and so cannot derive.
+    """
+    derived = derived_if is not ...
+    declared = _Declared(
+        doc=doc.format(choices=" | ".join(choices)),
+        validate=validate,
+        choices=choices,
+        env=env,
+        derived=derived,
+        unset=derived_if if derived else default,
+    )
+    return dataclasses.field(default=default, metadata={"setting": declared})
+
+
+def _valid_cidrs(cidrs: tuple[str, ...]) -> None:
     """PROXY_TRUSTED: every entry an IPv4 or IPv6 network (a bare address is a /32 or /128)."""
     for cidr in cidrs:
-        if cidr.strip():
-            try:
-                ipaddress.ip_network(cidr.strip(), strict=False)
-            except ValueError:
-                raise ValidationError(f"{cidr.strip()!r} is not a CIDR") from None
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ValidationError(f"{cidr!r} is not a CIDR") from None
 
 
 #: Timeouts must be strictly positive: 0 would close every connection at once.
 _positive: Final = Range(min=0, min_inclusive=False)
 
 
-SETTINGS: Final[tuple[Setting, ...]] = (
-    Setting("HOST", "str", "127.0.0.1", "address to listen on (0.0.0.0 for all IPv4 interfaces)"),
-    Setting("PORT", "int", 1060, "TCP port (the book's 1060; a PaaS sets it)", Range(0, 65535)),
-    Setting(
-        "WORKERS", "int", None, "worker processes (default: WEB_CONCURRENCY, else one per CPU core)", Range(1, 1024)
-    ),
-    Setting("WEB_CONCURRENCY", "int", None, "worker processes when WORKERS is unset (PaaS convention)", Range(1, 1024)),
-    Setting(
-        "BACKLOG", "int", 2048, "listen() backlog per worker socket (capped by net.core.somaxconn)", Range(1, 65535)
-    ),
-    Setting("LOG_LEVEL", "str", "info", "debug | info | warning | error | critical", OneOf(LOG_LEVELS)),
-    Setting(
-        "LOG_FORMAT", "str", "auto", "json | console | auto (console on a terminal, JSON otherwise)", OneOf(LOG_FORMATS)
-    ),
-    Setting(
-        "LOG_FLUSH_INTERVAL",
-        "float",
-        0.05,
-        "seconds a connection_closed line may wait to share one write (of at most 4 KiB) with others; 0: at once",
-        Range(0, 10),
-    ),
-    Setting(
-        "REQUEST_TIMEOUT", "float", 10.0, "seconds a started question has to complete (not reset per byte)", _positive
-    ),
-    Setting("IDLE_TIMEOUT", "float", 60.0, "seconds a connection may stay with no question started", _positive),
-    Setting("MAX_REQUEST_BYTES", "int", 1024, "longest question in bytes, counting the '?'", Range(1, 1 << 20)),
-    Setting(
-        "MAX_CONNECTIONS", "int", 0, "open connections per worker; 0 derives it from RLIMIT_NOFILE", Range(0, 1 << 20)
-    ),
-    Setting(
-        "MAX_UNSENT_BYTES",
-        "int",
-        65536,
-        "unsent answer bytes per connection before reading pauses",
-        Range(1024, 1 << 24),
-    ),
-    Setting(
-        "GRACEFUL_TIMEOUT",
-        "float",
-        25.0,
-        "seconds a graceful stop waits for connections (inside Heroku's 30)",
-        Range(0, 3600),
-    ),
-    Setting(
-        "DRAIN_QUIET",
-        "float",
-        1.0,
-        "during a stop, close a connection once quiet between questions this long",
-        Range(0, 60),
-    ),
-    Setting("CHECK_TIMEOUT", "float", 3.0, "seconds 'python -m app check' waits for the answer", _positive),
-    Setting(
-        "LAB_POOL_SIZE",
-        "int",
-        8,
-        "threads or processes of the lab's fixed pools (python -m app lab threadpool|prefork)",
-        Range(1, 4096),
-    ),
-    Setting(
-        "PROXY_PROTOCOL",
-        "str",
-        "off",
-        "off | v1 | v2 | any: every connection must start with a PROXY header of that version (HAProxy send-proxy)",
-        OneOf(PROXY_MODES),
-    ),
-    Setting(
-        "PROXY_TRUSTED",
-        "list",
-        ["127.0.0.0/8", "::1/128"],
-        "comma-separated CIDRs of the load balancers; with PROXY_PROTOCOL on, other peers are closed at once",
-        _valid_cidrs,
-    ),
-    Setting(
-        "ADMIN_PORT",
-        "int",
-        0,
-        "port of the admin HTTP listener (/metrics, /healthz, /readyz); 0 = off",
-        Range(0, 65535),
-    ),
-    Setting("ADMIN_HOST", "str", "127.0.0.1", "address of the admin HTTP listener (keep it private)"),
-    Setting(
-        "PROMETHEUS_MULTIPROC_DIR",
-        "str",
-        "",
-        "directory of the workers' metric files (default: a temporary one); cleaned at start",
-    ),
-)
-
-_BY_NAME: Final = {s.name: s for s in SETTINGS}
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The effective configuration; build it with :func:`load`."""
+    """The effective configuration; build it with :func:`load`.
 
-    host: str = "127.0.0.1"
-    port: int = 1060
-    workers: int = 1
-    backlog: int = 2048
-    log_level: str = "info"
-    log_format: str = "auto"
-    log_flush_interval: float = 0.05
-    request_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    max_request_bytes: int = 1024
-    max_connections: int = 1024
-    max_unsent_bytes: int = 65536
-    graceful_timeout: float = 25.0
-    drain_quiet: float = 1.0
-    check_timeout: float = 3.0
-    lab_pool_size: int = 8
-    proxy_protocol: str = "off"
-    proxy_trusted: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-    admin_port: int = 0
-    admin_host: str = "127.0.0.1"
-    prometheus_multiproc_dir: str = ""
+    ``Settings()`` gives every variable's default except the two the loader
+    derives from the machine, which get fixed values instead: ``workers=1``
+    and ``max_connections=1024`` (what tests and embedders want: no I/O, the
+    same on every machine).
+    """
+
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 for all IPv4 interfaces)")
+    port: int = setting(1060, "TCP port (the book's 1060; a PaaS sets it)", validate=Range(0, 65535))
+    workers: int = setting(
+        1,
+        "worker processes (default: WEB_CONCURRENCY, else one per CPU core)",
+        validate=Range(1, 1024),
+        derived_if=None,
+    )
+    web_concurrency: int | None = setting(
+        None, "worker processes when WORKERS is unset (PaaS convention)", validate=Range(1, 1024)
+    )
+    backlog: int = setting(
+        2048, "listen() backlog per worker socket (capped by net.core.somaxconn)", validate=Range(1, 65535)
+    )
+    log_level: str = setting("info", "{choices}", choices=LOG_LEVELS)
+    log_format: str = setting("auto", "{choices} (console on a terminal, JSON otherwise)", choices=LOG_FORMATS)
+    log_flush_interval: float = setting(
+        0.05,
+        "seconds a connection_closed line may wait to share one write (of at most 4 KiB) with others; 0: at once",
+        validate=Range(0, 10),
+    )
+    request_timeout: float = setting(
+        10.0, "seconds a started question has to complete (not reset per byte)", validate=_positive
+    )
+    idle_timeout: float = setting(60.0, "seconds a connection may stay with no question started", validate=_positive)
+    max_request_bytes: int = setting(1024, "longest question in bytes, counting the '?'", validate=Range(1, 1 << 20))
+    max_connections: int = setting(
+        1024,
+        "open connections per worker; 0 derives it from RLIMIT_NOFILE",
+        validate=Range(0, 1 << 20),
+        derived_if=0,
+    )
+    max_unsent_bytes: int = setting(
+        65536, "unsent answer bytes per connection before reading pauses", validate=Range(1024, 1 << 24)
+    )
+    graceful_timeout: float = setting(
+        25.0, "seconds a graceful stop waits for connections (inside Heroku's 30)", validate=Range(0, 3600)
+    )
+    drain_quiet: float = setting(
+        1.0, "during a stop, close a connection once quiet between questions this long", validate=Range(0, 60)
+    )
+    check_timeout: float = setting(3.0, "seconds 'python -m app check' waits for the answer", validate=_positive)
+    lab_pool_size: int = setting(
+        8,
+        "threads or processes of the lab's fixed pools (python -m app lab threadpool|prefork)",
+        validate=Range(1, 4096),
+    )
+    proxy_protocol: str = setting(
+        "off",
+        "{choices}: every connection must start with a PROXY header of that version (HAProxy send-proxy)",
+        choices=PROXY_MODES,
+    )
+    proxy_trusted: tuple[str, ...] = setting(
+        ("127.0.0.0/8", "::1/128"),
+        "comma-separated CIDRs of the load balancers; with PROXY_PROTOCOL on, other peers are closed at once",
+        validate=_valid_cidrs,
+    )
+    admin_port: int = setting(
+        0, "port of the admin HTTP listener (/metrics, /healthz, /readyz); 0 = off", validate=Range(0, 65535)
+    )
+    admin_host: str = setting("127.0.0.1", "address of the admin HTTP listener (keep it private)")
+    prometheus_multiproc_dir: str = setting(
+        "", "directory of the workers' metric files (default: a temporary one); cleaned at start"
+    )
+    #: Where each variable's value came from (``app config``'s third column).
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied (for tests and derived values)."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One environment variable, as its :class:`Settings` field declares it."""
+
+    name: str  # the environment variable
+    attribute: str  # the Settings field
+    kind: str  # the environs parser, from the field's type
+    default: Any  # the loader's value when unset (None: unset; see ``derived``)
+    doc: str
+    validate: Validator | None = None
+    choices: tuple[str, ...] = ()
+    derived: bool = False  # ``default`` asks the loader to derive the value
+
+
+#: The parser of each field type (``X | None`` uses X's).
+_KINDS: Final[Mapping[object, str]] = {str: "str", int: "int", float: "float", bool: "flag", tuple[str, ...]: "csv"}
+
+
+def _kind(hint: object, choices: tuple[str, ...]) -> str:
+    if choices:
+        return "choice"
+    if isinstance(hint, types.UnionType):
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return _KINDS[hint]
+
+
+def _declarations() -> tuple[Setting, ...]:
+    hints = typing.get_type_hints(Settings)
+    out = []
+    for field in dataclasses.fields(Settings):
+        declared: _Declared | None = field.metadata.get("setting")
+        if declared is not None:
+            out.append(
+                Setting(
+                    name=declared.env or field.name.upper(),
+                    attribute=field.name,
+                    kind=_kind(hints[field.name], declared.choices),
+                    default=declared.unset,
+                    doc=declared.doc,
+                    validate=declared.validate,
+                    choices=declared.choices,
+                    derived=declared.derived,
+                )
+            )
+    return tuple(out)
+
+
+#: Every variable, in the order of the fields of :class:`Settings`.
+SETTINGS: Final = _declarations()
+_BY_NAME: Final = {s.name: s for s in SETTINGS}
 
 
 def derived_max_connections(nofile_soft: int | None = None) -> int:
@@ -204,65 +258,87 @@ def load(dotenv: Path | None = Path(".env")) -> Settings:
 
     Raises :class:`ConfigError` naming every invalid variable.
     """
-    env = Env(eager=False)
-    from_file: set[str] = set()
+    env = _env()
+    from_file: dict[str, str] = {}
     if dotenv is not None and dotenv.is_file():
-        from_file = {k for k, v in dotenv_values(dotenv).items() if v is not None}
+        from_file = {k: v for k, v in dotenv_values(dotenv).items() if v is not None}
         env.read_env(str(dotenv), recurse=False, override=False)
-    values: dict[str, Any] = {}
-    for s in SETTINGS:
-        parse = getattr(env, s.kind)
-        values[s.name] = parse(s.name, s.default, validate=s.validate)
+    values = {s.attribute: _read(env, s) for s in SETTINGS}
     try:
         env.seal()
     except EnvValidationError as exc:
         messages = exc.error_messages
-        raise ConfigError(_describe(messages if isinstance(messages, Mapping) else {"": messages})) from None
-    sources = {
-        s.name: "env" if s.name in os.environ else ".env" if s.name in from_file else "default" for s in SETTINGS
-    }
-    return _settings(values, sources)
+        errors = messages if isinstance(messages, Mapping) else {"": messages}
+        raise ConfigError(_describe(errors, {**from_file, **os.environ})) from None
+    sources = {s.name: _source(s.name, from_file) for s in SETTINGS}
+    _derive(values, sources)
+    return Settings(**values, sources=sources)
 
 
-def _settings(values: dict[str, Any], sources: dict[str, str]) -> Settings:
-    workers = values["WORKERS"] or values["WEB_CONCURRENCY"] or os.cpu_count() or 1
-    if values["WORKERS"] is None:
-        sources["WORKERS"] = "WEB_CONCURRENCY" if values["WEB_CONCURRENCY"] else "derived (CPU cores)"
-    max_conn = values["MAX_CONNECTIONS"] or derived_max_connections()
-    if not values["MAX_CONNECTIONS"]:
+def _source(name: str, from_file: Mapping[str, str]) -> str:
+    return "env" if name in os.environ else ".env" if name in from_file else "default"
+
+
+def _derive(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Fill the settings left to the machine: WORKERS (WEB_CONCURRENCY, else CPU cores), MAX_CONNECTIONS."""
+    if values["workers"] is None:
+        values["workers"] = values["web_concurrency"] or os.cpu_count() or 1
+        sources["WORKERS"] = "WEB_CONCURRENCY" if values["web_concurrency"] else "derived (CPU cores)"
+    if not values["max_connections"]:
+        values["max_connections"] = derived_max_connections()
         sources["MAX_CONNECTIONS"] = "derived (RLIMIT_NOFILE)"
-    return Settings(
-        host=values["HOST"],
-        port=values["PORT"],
-        workers=workers,
-        backlog=values["BACKLOG"],
-        log_level=values["LOG_LEVEL"],
-        log_format=values["LOG_FORMAT"],
-        log_flush_interval=values["LOG_FLUSH_INTERVAL"],
-        request_timeout=values["REQUEST_TIMEOUT"],
-        idle_timeout=values["IDLE_TIMEOUT"],
-        max_request_bytes=values["MAX_REQUEST_BYTES"],
-        max_connections=max_conn,
-        max_unsent_bytes=values["MAX_UNSENT_BYTES"],
-        graceful_timeout=values["GRACEFUL_TIMEOUT"],
-        drain_quiet=values["DRAIN_QUIET"],
-        check_timeout=values["CHECK_TIMEOUT"],
-        lab_pool_size=values["LAB_POOL_SIZE"],
-        proxy_protocol=values["PROXY_PROTOCOL"],
-        proxy_trusted=tuple(c.strip() for c in values["PROXY_TRUSTED"] if c.strip()),
-        admin_port=values["ADMIN_PORT"],
-        admin_host=values["ADMIN_HOST"],
-        prometheus_multiproc_dir=values["PROMETHEUS_MULTIPROC_DIR"],
-        sources=sources,
-    )
 
 
-def _describe(errors: Mapping[str, Any]) -> str:
+def _env() -> Env:
+    env = Env(eager=False)
+    env.add_parser("choice", _parse_choice)
+    env.add_parser("csv", _parse_csv)
+    env.add_parser("flag", _parse_flag)
+    return env
+
+
+def _read(env: Env, s: Setting) -> Any:
+    """Parse one variable; an invalid one is recorded in ``env`` until ``seal()``."""
+    options: dict[str, Any] = {}
+    if s.validate is not None:
+        options["validate"] = s.validate
+    if s.choices:
+        options["choices"] = s.choices
+    return getattr(env, s.kind)(s.name, s.default, **options)
+
+
+def _parse_choice(value: str, *, choices: tuple[str, ...]) -> str:
+    """Any case, surrounding blanks ignored: ``" INFO "`` is ``info``."""
+    normalised = value.strip().lower()
+    OneOf(choices)(normalised)
+    return normalised
+
+
+def _parse_csv(value: str | tuple[str, ...], *, validate: Validator | None = None) -> tuple[str, ...]:
+    """Comma-separated items, each stripped; empty items dropped."""
+    items = value.split(",") if isinstance(value, str) else value
+    parsed = tuple(item.strip() for item in items if item.strip())
+    if validate is not None:
+        validate(parsed)
+    return parsed
+
+
+def _parse_flag(value: str | bool) -> bool:
+    """A boolean variable: 1/0, true/false, yes/no, on/off, in any case."""
+    if isinstance(value, bool):
+        return value
+    spelled = value.strip().lower()
+    if spelled in _TRUE or spelled in _FALSE:
+        return spelled in _TRUE
+    raise ValidationError("Not a boolean: use 1/0, true/false, yes/no or on/off.")
+
+
+def _describe(errors: Mapping[str, Any], raw: Mapping[str, str]) -> str:
     lines = []
     for name in sorted(errors):
         setting = _BY_NAME.get(name)
         accepts = f" (accepts: {setting.doc})" if setting else ""
-        got = os.environ.get(name, "")
+        got = raw.get(name, "")
         lines.append(f"invalid {name}={got!r}: {'; '.join(map(str, _flatten(errors[name])))}{accepts}")
     return "\n".join(lines)
 
@@ -275,25 +351,25 @@ def _flatten(messages: Any) -> list[Any]:
     return [messages]
 
 
+def _shown(value: Any) -> str:
+    """A value as it would be written in the environment."""
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
 def rows(settings: Settings) -> list[tuple[str, str, str]]:
     """(variable, effective value, source) for every setting, for ``app config``."""
-    effective = {
-        "WEB_CONCURRENCY": settings.workers if settings.sources.get("WORKERS") == "WEB_CONCURRENCY" else None,
-    }
-    out = []
-    for s in SETTINGS:
-        value = effective.get(s.name, getattr(settings, s.name.lower(), None))
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        out.append((s.name, "" if value is None else str(value), settings.sources.get(s.name, "default")))
-    return out
+    return [(s.name, _shown(getattr(settings, s.attribute)), settings.sources.get(s.name, "default")) for s in SETTINGS]
 
 
 def markdown() -> str:
     """The README's table of variables: name, default, meaning."""
     lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for s in SETTINGS:
-        default = "" if s.default is None else str(s.default)
+        default = _shown(s.default)
         doc = s.doc.replace("|", "\\|")
         lines.append(f"| `{s.name}` | {f'`{default}`' if default else ''} | {doc} |")
     return "\n".join(lines)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Final
 
-from app import exits
 from app.config import Settings
+from app.exits import Exit
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def describe() -> list[tuple[str, str]]:
 def _stop_on_term(_signum: int, _frame: FrameType | None) -> None:
     # Unwinds the main thread out of accept()/join()/the loop, so each
     # server's ``finally`` ends the threads and processes it started.
-    raise SystemExit(exits.OK)
+    raise SystemExit(Exit.OK)
 
 
 def serve_lab(name: str, settings: Settings) -> int:
@@ -81,5 +81,5 @@ def serve_lab(name: str, settings: Settings) -> int:
     try:
         result: int = module.serve(settings, name=name, **server.options)
     except KeyboardInterrupt:
-        return exits.OK
+        return Exit.OK
     return result

@@ -27,14 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from app import exits
 from app.config import Settings
+from app.exits import Exit
 from app.server import metrics
 from app.server.admin import AdminServer, MasterStatus
 from app.server.listener import bind_slots, bind_socket
 
 #: A slot that crashes CRASH_LIMIT times within CRASH_WINDOW seconds stops
-#: the master (exit code ``exits.CRASH_LOOP``): a process manager above
+#: the master (exit code ``Exit.CRASH_LOOP``): a process manager above
 #: should see a broken release, not a silent restart loop.
 CRASH_LIMIT: Final = 5
 CRASH_WINDOW: Final = 60.0
@@ -118,7 +118,7 @@ class Master:
         self.stopping = False
         self.quitting = False
         self.kill_at: float | None = None
-        self.exit_code = exits.OK
+        self.exit_code: int = Exit.OK
         self.announced = False
         self.restarts = 0  # crashed workers respawned
         self.stop_signalled = False  # set by the signal handler itself: readiness drops first
@@ -150,12 +150,12 @@ class Master:
             socks = bind_slots(s.host, s.port, s.workers, backlog=s.backlog)
         except OSError as exc:
             self.log.error("bind_failed", host=s.host, port=s.port, error=str(exc))
-            return exits.BOOT_FAILED
+            return Exit.BOOT_FAILED
         self.port = socks[0].getsockname()[1]
         self.slots = [Slot(i, sock) for i, sock in enumerate(socks)]
         try:
             if not self._open_admin():
-                return exits.BOOT_FAILED
+                return Exit.BOOT_FAILED
             return self._run()
         finally:
             self._close_admin()
@@ -229,14 +229,14 @@ class Master:
             self.handle_quit()
             return
         self.log.info("stopping", signal=name, graceful_timeout=self.settings.graceful_timeout)
-        self._begin_stop(exits.OK)
+        self._begin_stop(Exit.OK)
 
     def handle_quit(self) -> None:
         """Immediate stop: workers abort their connections and exit."""
         if self.quitting:
             return
         if not self.stopping:
-            self._begin_stop(exits.OK)
+            self._begin_stop(Exit.OK)
         self.quitting = True
         self.log.warning("stopping_now", workers=len(self.procs))
         for proc in self.procs.values():
@@ -366,7 +366,7 @@ class Master:
             self.log.error("reload_failed", slot=slot.index, pid=proc.pid, code=code)
             return
         slot.current = None
-        if not proc.ready and code in (exits.BOOT_FAILED, exits.CONFIG):
+        if not proc.ready and code in (Exit.BOOT_FAILED, Exit.CONFIG):
             self.log.error("worker_boot_failed", slot=slot.index, code=code)
             self._begin_stop(code)
             return
@@ -379,7 +379,7 @@ class Master:
             slot.crashes.popleft()
         if len(slot.crashes) >= CRASH_LIMIT:
             self.log.error("crash_loop", slot=slot.index, crashes=len(slot.crashes), window=CRASH_WINDOW)
-            self._begin_stop(exits.CRASH_LOOP)
+            self._begin_stop(Exit.CRASH_LOOP)
             return
         delay = min(RESPAWN_CAP, RESPAWN_FIRST * 2 ** (len(slot.crashes) - 1))
         delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography

@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from app import exits
 from app.config import Settings, derived_max_connections
 from app.core import proxy, zen
 from app.core.protocol import QuestionReader
+from app.exits import Exit
 from app.server import listener
 from app.server.connection import LINGER_MAX, LINGER_QUIET, OVER_CAPACITY, Connection, ProxiedConnection
 
@@ -493,7 +493,7 @@ def serve_worker_process(settings: Settings, *, fd: int, slot: int, ready_fd: in
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not _die_with_parent(parent_pid):
         log.warning("parent_died", parent=parent_pid)
-        return exits.OK
+        return Exit.OK
     sock = socket.socket(fileno=fd)
 
     def ready() -> None:
@@ -515,4 +515,4 @@ def serve_worker_process(settings: Settings, *, fd: int, slot: int, ready_fd: in
         await worker.serve()
 
     uvloop.run(main())
-    return exits.OK
+    return Exit.OK

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from app import exits
+from app.exits import Exit
 from app.server import master
 
 from .load import Failure, LoadGenerator, Tally
@@ -190,7 +190,7 @@ def test_sigterm_with_questions_in_flight_loses_nothing(figures: dict[str, Any])
         finally:
             tally = load.stop()
         stopped = server.log.named("worker_stopped")
-    assert code == exits.OK
+    assert code == Exit.OK
     assert len(stopped) == 2
     assert all(e["aborted"] == 0 for e in stopped)
     _assert_all_accounted(stopped)
@@ -210,7 +210,7 @@ def test_crash_loop_backs_off_then_master_exits_nonzero(figures: dict[str, Any])
         code = server.wait_exit(30)
         delays = [e["delay"] for e in server.log.named("worker_respawn_scheduled", slot=0)]
         loops = server.log.named("crash_loop", slot=0)
-    assert code == exits.CRASH_LOOP
+    assert code == Exit.CRASH_LOOP
     assert len(loops) == 1
     assert len(delays) == master.CRASH_LIMIT - 1
     for n, delay in enumerate(delays, start=1):

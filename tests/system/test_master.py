@@ -14,8 +14,8 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from app import exits
 from app.core import zen
+from app.exits import Exit, Probe
 from app.tools.client import ZenClient
 from tests.conformance import recv_exactly
 from tests.server import REPO, Event, free_port, start_server
@@ -66,7 +66,7 @@ def test_serves_on_every_worker_and_the_books_client_works() -> None:
         assert started["rlimit_nofile"] > 0
         assert started["max_connections"] > 0
         server.signal(signal.SIGTERM)
-        assert server.wait() == exits.OK
+        assert server.wait() == Exit.OK
 
 
 def test_sigterm_with_a_question_in_flight_answers_it_and_exits_zero() -> None:
@@ -82,7 +82,7 @@ def test_sigterm_with_a_question_in_flight_answers_it_and_exits_zero() -> None:
         assert recv_exactly(sock, len(b"Complex.")) == b"Complex."
         assert sock.recv(100) == b""  # then closed, once quiet between questions
         sock.close()
-        assert server.wait() == exits.OK
+        assert server.wait() == Exit.OK
         closes = [e for e in server.find("connection_closed") if e["answered"] == 2]
         assert closes
         assert closes[0]["reason"] == "shutdown"
@@ -189,7 +189,7 @@ def test_second_sigint_stops_at_once() -> None:
         server.wait_event("worker_draining")
         start = time.monotonic()
         server.signal(signal.SIGINT)
-        assert server.wait(20) == exits.OK
+        assert server.wait(20) == Exit.OK
         assert time.monotonic() - start < 10
         assert server.find("stopping_now")
         busy.close()
@@ -205,7 +205,7 @@ def test_crash_loop_stops_the_master_with_an_error() -> None:
             if crash < 5:
                 server.wait_event("worker_ready", start=mark)
         server.wait_event("crash_loop")
-        assert server.wait(30) == exits.CRASH_LOOP
+        assert server.wait(30) == Exit.CRASH_LOOP
         delays = [e["delay"] for e in server.find("worker_respawn_scheduled")]
         assert len(delays) == 4
         assert delays[-1] > delays[0]  # exponential back-off (jitter keeps it within [0.5, 1] x)
@@ -226,7 +226,7 @@ def run_app(env: dict[str, str], *args: str, timeout: float = 20) -> subprocess.
 @pytest.mark.parametrize(("name", "value"), [("PORT", "abc"), ("WORKERS", "0"), ("REQUEST_TIMEOUT", "-1")])
 def test_bad_variable_exits_2_with_a_message_and_starts_nothing(name: str, value: str) -> None:
     result = run_app({name: value, "LOG_FORMAT": "json"})
-    assert result.returncode == exits.CONFIG
+    assert result.returncode == Exit.CONFIG
     assert f"invalid {name}={value!r}" in result.stderr
     assert result.stdout == ""  # not even the master started
 
@@ -237,21 +237,21 @@ def test_port_in_use_exits_with_boot_failure() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = run_app({"PORT": str(port), "LOG_FORMAT": "json", "WORKERS": "1"})
-    assert result.returncode == exits.BOOT_FAILED
+    assert result.returncode == Exit.BOOT_FAILED
     assert "bind_failed" in result.stdout
 
 
 def test_config_client_and_check_commands() -> None:
     port = free_port()
     result = run_app({"PORT": str(port)}, "config")
-    assert result.returncode == 0
+    assert result.returncode == Exit.OK
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
     assert rows["PORT"] == [str(port), "(env)"]
     assert rows["HOST"] == ["127.0.0.1", "(default)"]
-    assert run_app({"PORT": str(port)}, "check", "--timeout", "1").returncode == exits.UNHEALTHY
+    assert run_app({"PORT": str(port)}, "check", "--timeout", "1").returncode == Probe.UNHEALTHY
     with start_server({"PORT": str(port), "WORKERS": "1"}):
         check = run_app({"PORT": str(port)}, "check")
-        assert check.returncode == 0, check.stderr
+        assert check.returncode == Probe.HEALTHY, check.stderr
         assert "healthy" in check.stdout
         client = run_app({"PORT": str(port)}, "client", "Beautiful is better than?", "Now is better than?")
         assert client.stdout.split() == ["Ugly.", "Never."]
@@ -279,6 +279,6 @@ def test_check_speaks_proxy_when_the_server_requires_it(mode: str) -> None:
     with start_server(env) as server:
         port = {"PORT": str(server.port)}
         check = run_app({**env, **port}, "check")
-        assert check.returncode == 0, check.stderr
+        assert check.returncode == Probe.HEALTHY, check.stderr
         plain = run_app({**port, "PROXY_PROTOCOL": "off"}, "check", "--timeout", "2")
-        assert plain.returncode == exits.UNHEALTHY  # no header: the server closes, as it must
+        assert plain.returncode == Probe.UNHEALTHY  # no header: the server closes, as it must
