@@ -141,6 +141,15 @@ class Settings:
         "seconds a connection_closed line may wait to share one write (of at most 4 KiB) with others; 0: at once",
         validate=Range(0, 10),
     )
+    #: Why 1 MiB: about 5,000 connection lines, several seconds of a busy
+    #: worker's log, enough to ride out a log shipper's hiccup; small beside a
+    #: worker's memory, and bounded, so a reader that never comes back costs
+    #: a fixed 1 MiB per process, not the server.
+    log_buffer_bytes: int = setting(
+        1 << 20,
+        "bytes of log lines a process keeps while its stdout reader stalls; beyond it lines are dropped and counted",
+        validate=Range(4096, 1 << 30),
+    )
     request_timeout: float = setting(
         10.0, "seconds a started question has to complete (not reset per byte)", validate=_positive
     )

@@ -32,7 +32,7 @@ import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from app.config import Settings
-from app.logsink import DEFAULT_LIMIT, LogSink
+from app.logsink import LogSink
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -106,8 +106,7 @@ def configure(settings: Settings, fd: int | None = None) -> None:
         fd = sys.stdout.fileno()
     renderer: Any
     renderer = _render_json if use_json(settings, fd) else structlog.dev.ConsoleRenderer(colors=os.isatty(fd))
-    limit = getattr(settings, "log_buffer_bytes", DEFAULT_LIMIT)
-    _sinks[fd] = LogSink(fd, limit, dropped_line=lambda n: _dropped_line(renderer, n))
+    _sinks[fd] = LogSink(fd, settings.log_buffer_bytes, dropped_line=lambda n: _dropped_line(renderer, n))
     structlog.configure(
         processors=[structlog.processors.add_log_level, _Timestamp(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.log_level]),
