@@ -2,7 +2,7 @@
 
 The figures (load held, faults survived, bad inputs tried, what was lost)
 are printed at the end of the run, and written as JSON to ``$CHAOS_FIGURES``
-when set: the README's Reliability section quotes them.
+when set (docs/reliability.md describes the suite).
 """
 
 from __future__ import annotations

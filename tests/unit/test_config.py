@@ -111,12 +111,6 @@ def test_every_setting_is_documented() -> None:
         assert setting.name.isupper()
 
 
-def test_readme_lists_every_variable() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for setting in SETTINGS:
-        assert f"`{setting.name}`" in readme, f"README does not document {setting.name}"
-
-
 @pytest.mark.parametrize(
     ("name", "value", "attribute", "normalised"),
     [
