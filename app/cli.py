@@ -119,7 +119,9 @@ def _add_server_commands(sub: Subparsers) -> None:
     """The commands of the server itself: serve, config, and the internal worker."""
     sub.add_parser("serve", help="run the server in the foreground (the default)").set_defaults(func=_serve)
     p = sub.add_parser("config", help="print every setting, its effective value and its source")
-    p.add_argument("--markdown", action="store_true", help="print the table of variables for the README instead")
+    p.add_argument(
+        "--markdown", action="store_true", help="print the table of variables (the docs' configuration page) instead"
+    )
     p.set_defaults(func=_config)
     p = sub.add_parser("worker")  # internal: started by the master; not listed in --help
     for name in ("--fd", "--slot", "--ready-fd", "--parent"):

@@ -4,7 +4,7 @@ Owns: the names, types, defaults, validation and one-line docs of every
 environment variable, and reading them (with a ``.env`` file in the working
 directory) into a frozen :class:`Settings`.  Each variable is one field of
 :class:`Settings` declared with :func:`setting`; the loader (:func:`load`),
-the ``app config`` listing (:func:`rows`) and the README table
+the ``app config`` listing (:func:`rows`) and the table of docs/configuration.md
 (:func:`markdown`) all iterate those fields.  This is the only module that
 reads ``os.environ``; everything else receives ``Settings``.
 
@@ -375,7 +375,7 @@ def rows(settings: Settings) -> list[tuple[str, str, str]]:
 
 
 def markdown() -> str:
-    """The README's table of variables: name, default, meaning."""
+    """The table of variables in docs/configuration.md: name, default, meaning."""
     lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for s in SETTINGS:
         default = _shown(s.default)

@@ -1,4 +1,4 @@
-"""PROTOCOL.md's conformance table, runnable against any server on (host, port).
+"""docs/protocol.md's conformance table, runnable against any server on (host, port).
 
 Every server of the project (the production worker and every architecture in
 ``app.lab``) must pass every case in :data:`CASES` through

@@ -1,4 +1,4 @@
-"""Sans-I/O framing of the Zen protocol (PROTOCOL.md).
+"""Sans-I/O framing of the Zen protocol (docs/protocol.md).
 
 Owns: turning received bytes into complete questions, the size limit,
 whitespace skipping before a question, pipelining and end of stream; and, on
@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-#: PROTOCOL.md rule 4: 1024 bytes, counting the ``?``.  Three times the
+#: docs/protocol.md, the size limit: 1024 bytes, counting the ``?``.  Three times the
 #: longest aphorism is more than any honest client needs, and small enough
 #: that 10,000 half-sent questions cost at most 10 MiB.
 DEFAULT_MAX_QUESTION: Final = 1024

@@ -1,6 +1,6 @@
 """The aphorism table and ``answer(question)``.
 
-Owns: which question gets which answer, byte for byte (PROTOCOL.md).
+Owns: which question gets which answer, byte for byte (docs/protocol.md).
 Never: touches sockets, clocks, buffers or framing; that is ``protocol.py``.
 """
 
@@ -10,7 +10,7 @@ from itertools import repeat
 from typing import Final
 
 #: The book's three aphorisms stay exactly as chapter 7 prints them; the rest
-#: are further "X is better than?" lines of the Zen of Python (PROTOCOL.md).
+#: are further "X is better than?" lines of the Zen of Python (docs/protocol.md).
 APHORISMS: Final[dict[bytes, bytes]] = {
     b"Beautiful is better than?": b"Ugly.",
     b"Explicit is better than?": b"Implicit.",

@@ -1,6 +1,6 @@
 """Random bytes, bounded in time: hypothesis over the protocol core and over a live server.
 
-The oracle is a reference model written from PROTOCOL.md alone (whitespace
+The oracle is a reference model written from docs/protocol.md alone (whitespace
 skipped before a question, a question ends at ``?``, longer than the limit
 -> too long and nothing after it, an unfinished question at EOF gets
 nothing), independent of :class:`QuestionReader`'s implementation.
@@ -34,7 +34,7 @@ payloads = st.lists(st.one_of(st.binary(max_size=40), _interesting), max_size=30
 
 
 def reference(data: bytes, limit: int) -> tuple[list[bytes], bool]:
-    """(complete questions, too long?) for ``data`` followed by EOF, from PROTOCOL.md."""
+    """(complete questions, too long?) for ``data`` followed by EOF, from docs/protocol.md."""
     questions: list[bytes] = []
     pos = 0
     while True:

@@ -1,4 +1,4 @@
-"""The sans-I/O core: PROTOCOL.md's rules as pure byte tables."""
+"""The sans-I/O core: docs/protocol.md's rules as pure byte tables."""
 
 from __future__ import annotations
 
