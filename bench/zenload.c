@@ -684,9 +684,9 @@ static void on_signal(int sig)
     interrupted = 1;
 }
 
-int main(int argc, char **argv)
+/* File descriptors for every connection, signals that stop the load, the last-resort alarm. */
+static void prepare_process(void)
 {
-    parse(argc, argv);
     struct rlimit rl; /* hold keeps -c sockets open at once */
     rlim_t need = (rlim_t)opt.conns + 64;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < need) {
@@ -699,7 +699,12 @@ int main(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     /* The last bound: whatever goes wrong, the process ends 15 s after its planned end. */
     alarm((unsigned)(opt.warmup + opt.duration + opt.timeout + 15.0));
+}
 
+int main(int argc, char **argv)
+{
+    parse(argc, argv);
+    prepare_process();
     struct lane *lanes = make_lanes();
     if (!lanes) {
         perror("zenload: setup");
