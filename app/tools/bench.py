@@ -367,6 +367,39 @@ def _wait_ready(procs: Sequence[Any], ready: Any, timeout: float = 30.0) -> None
                 raise RuntimeError("a load process failed to start") from None
 
 
+def _start(spec: LoadSpec, ctx: Any, counts: Any) -> tuple[list[Any], Any, Any, Any]:
+    """Fork one load process per share of the connections; they wait for ``go``."""
+    shares = _split(spec.connections, spec.processes)
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [
+        ctx.Process(target=_child, args=(spec, n, i, counts, ready, go, results), daemon=True)
+        for i, n in enumerate(shares)
+    ]
+    for proc in procs:
+        proc.start()
+    return procs, ready, results, go
+
+
+def _collect(
+    spec: LoadSpec, procs: Sequence[Any], results: Any, counts: Any, on_progress: Callable[[float, int], None] | None
+) -> Tally:
+    """Merge every process's tally as it arrives, reporting progress meanwhile; bounded by the duration."""
+    start = time.monotonic()
+    deadline = start + spec.duration + spec.timeout + 30
+    tally = Tally()
+    pending = len(procs)
+    while pending:
+        if time.monotonic() > deadline:
+            raise TimeoutError("load processes did not report")
+        with contextlib.suppress(Exception):
+            tally.merge(results.get(timeout=TICK))
+            pending -= 1
+            continue
+        if on_progress is not None:
+            on_progress(min(time.monotonic() - start, spec.duration), sum(counts))
+    return tally
+
+
 def run_load(
     spec: LoadSpec,
     on_progress: Callable[[float, int], None] | None = None,
@@ -379,37 +412,17 @@ def run_load(
     """
     if spec.mode not in MODES:
         raise ValueError(f"unknown mode {spec.mode!r}")
-    shares = _split(spec.connections, spec.processes)
     # fork: the children start in milliseconds and run only this module's
     # code on a new event loop; spawn would re-import the caller's __main__.
     ctx = multiprocessing.get_context("fork")
-    counts = ctx.Array("q", len(shares), lock=False)
-    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [
-        ctx.Process(target=_child, args=(spec, n, i, counts, ready, go, results), daemon=True)
-        for i, n in enumerate(shares)
-    ]
-    for proc in procs:
-        proc.start()
+    counts = ctx.Array("q", len(_split(spec.connections, spec.processes)), lock=False)
+    procs, ready, results, go = _start(spec, ctx, counts)
     try:
         _wait_ready(procs, ready)
         if on_start is not None:
             on_start()
         go.set()
-        start = time.monotonic()
-        deadline = start + spec.duration + spec.timeout + 30
-        tally = Tally()
-        pending = len(procs)
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError("load processes did not report")
-            with contextlib.suppress(Exception):
-                tally.merge(results.get(timeout=TICK))
-                pending -= 1
-                continue
-            if on_progress is not None:
-                on_progress(min(time.monotonic() - start, spec.duration), sum(counts))
-        return tally
+        return _collect(spec, procs, results, counts, on_progress)
     finally:
         for proc in procs:
             proc.join(5)

@@ -161,7 +161,29 @@ def _per_connection(scenarios: dict[str, Any]) -> str:
 
 def report_markdown(results: Sequence[ServerResult], args: argparse.Namespace, machine: dict[str, Any]) -> str:
     """The Markdown report: the machine, the loads, the scenarios, the plots."""
-    lines = [
+    return "\n".join(
+        [
+            *_report_head(args, machine),
+            *_loads_table(results),
+            *_weaknesses_table(results),
+            "",
+            "![answers per second](throughput.png)",
+            "",
+            "![latency](latency.png)",
+            "",
+            "![memory per connection](memory.png)",
+            "",
+            "## Servers",
+            "",
+            *[f"- `{r.name}`: {r.description}" for r in results],
+            "",
+        ]
+    )
+
+
+def _report_head(args: argparse.Namespace, machine: dict[str, Any]) -> list[str]:
+    """The title, the command line and the machine."""
+    return [
         "# The architecture lab: measured",
         "",
         (
@@ -178,6 +200,12 @@ def report_markdown(results: Sequence[ServerResult], args: argparse.Namespace, m
             "compare the rows, not the machines."
         ),
         "",
+    ]
+
+
+def _loads_table(results: Sequence[ServerResult]) -> list[str]:
+    """One row per server: the three loads, errors, latency, cores used."""
+    lines = [
         "## Loads",
         "",
         (
@@ -203,7 +231,12 @@ def report_markdown(results: Sequence[ServerResult], args: argparse.Namespace, m
             f"{pipe['rps']:,.0f} | {churn['cps']:,.0f} | {errors} | "
             f"{ping['latency_ms']['p50']:.2f} | {ping['latency_ms']['p99']:.2f} | {cores:.2f} | {busy} |"
         )
-    lines += [
+    return lines
+
+
+def _weaknesses_table(results: Sequence[ServerResult]) -> list[str]:
+    """One row per server that ran the scenarios."""
+    lines = [
         "",
         "## The weaknesses, shown",
         "",
@@ -222,20 +255,7 @@ def report_markdown(results: Sequence[ServerResult], args: argparse.Namespace, m
             f"{s['held_answered']} / {s['hold']} | {_per_connection(s)} | "
             f"{s['processes'][0]} -> {s['processes'][1]} | {s['threads'][0]} -> {s['threads'][1]} |"
         )
-    lines += [
-        "",
-        "![answers per second](throughput.png)",
-        "",
-        "![latency](latency.png)",
-        "",
-        "![memory per connection](memory.png)",
-        "",
-        "## Servers",
-        "",
-        *[f"- `{r.name}`: {r.description}" for r in results],
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def write_plots(results: Sequence[ServerResult], out: Path) -> list[Path]:
@@ -243,45 +263,56 @@ def write_plots(results: Sequence[ServerResult], out: Path) -> list[Path]:
     import matplotlib as mpl  # noqa: PLC0415
 
     mpl.use("Agg")
+    ok = [r for r in results if r.loads and not r.error]
+    paths = [_plot_throughput(ok, out / "throughput.png"), _plot_latency(ok, out / "latency.png")]
+    mem = [r for r in ok if r.scenarios and _per_connection(r.scenarios) != "n/a"]
+    if mem:
+        paths.append(_plot_memory(mem, out / "memory.png"))
+    return paths
+
+
+def _plot_throughput(ok: Sequence[ServerResult], path: Path) -> Path:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    ok = [r for r in results if r.loads and not r.error]
-    names = [r.name for r in ok]
     y = list(range(len(ok)))
-    paths = []
-
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5), layout="constrained")
     for i, (mode, _share) in enumerate(LOADS):
         key = "cps" if mode == "churn" else "rps"
         values = [max(1.0, next(row[key] for row in r.loads if row["mode"] == mode)) for r in ok]
         label = "churn (connections/s)" if mode == "churn" else f"{mode} (answers/s)"
         ax.barh([v + (i - 1) * 0.27 for v in y], values, height=0.27, label=label)
-    _finish(ax, names, "per second (log scale)", "Throughput per architecture and load")
+    _finish(ax, [r.name for r in ok], "per second (log scale)", "Throughput per architecture and load")
     ax.set_xscale("log")
-    paths.append(_save(fig, out / "throughput.png"))
+    return _save(fig, path)
 
+
+def _plot_latency(ok: Sequence[ServerResult], path: Path) -> Path:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    y = list(range(len(ok)))
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5), layout="constrained")
     for i, pct in enumerate(("p50", "p99")):
         values = [max(0.001, next(row for row in r.loads if row["mode"] == "pingpong")["latency_ms"][pct]) for r in ok]
         ax.barh([v + (i - 0.5) * 0.4 for v in y], values, height=0.4, label=f"pingpong {pct}")
-    _finish(ax, names, "milliseconds (log scale)", "Latency under the pingpong load")
+    _finish(ax, [r.name for r in ok], "milliseconds (log scale)", "Latency under the pingpong load")
     ax.set_xscale("log")
-    paths.append(_save(fig, out / "latency.png"))
+    return _save(fig, path)
 
-    mem = [r for r in ok if r.scenarios and _per_connection(r.scenarios) != "n/a"]
-    if mem:
-        fig, ax = plt.subplots(figsize=(9, 0.45 * len(mem) + 1.5), layout="constrained")
-        values = [max(0.1, r.scenarios["uss_per_connection"] / 1024) for r in mem]
-        ax.barh(list(range(len(mem))), values, height=0.6, color="tab:red")
-        for i, r in enumerate(mem):
-            s = r.scenarios
-            text = f" {s['uss_per_connection'] / 1024:.1f} KiB; {s['held_answered']}/{s['hold']} served"
-            ax.text(values[i], i, text, va="center", fontsize=8)
-        _finish(ax, [r.name for r in mem], "KiB of private memory per served connection (log scale)", "Memory")
-        ax.set_xscale("log")
-        ax.set_xlim(0.1, max(values) * 30)
-        paths.append(_save(fig, out / "memory.png"))
-    return paths
+
+def _plot_memory(mem: Sequence[ServerResult], path: Path) -> Path:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(mem) + 1.5), layout="constrained")
+    values = [max(0.1, r.scenarios["uss_per_connection"] / 1024) for r in mem]
+    ax.barh(list(range(len(mem))), values, height=0.6, color="tab:red")
+    for i, r in enumerate(mem):
+        s = r.scenarios
+        text = f" {s['uss_per_connection'] / 1024:.1f} KiB; {s['held_answered']}/{s['hold']} served"
+        ax.text(values[i], i, text, va="center", fontsize=8)
+    _finish(ax, [r.name for r in mem], "KiB of private memory per served connection (log scale)", "Memory")
+    ax.set_xscale("log")
+    ax.set_xlim(0.1, max(values) * 30)
+    return _save(fig, path)
 
 
 def _finish(ax: Any, names: list[str], xlabel: str, title: str) -> None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +86,90 @@ def test_summary_has_the_fields_of_the_json_line() -> None:
     assert summary["rps"] == 50.0
     assert summary["latency_ms"]["max"] == 2.0
     assert {"errors", "error_kinds", "held", "served", "connections", "mode"} <= set(summary)
+
+
+# -- bench/run.py: the figures page ------------------------------------------------------
+
+
+def load_run_script() -> Any:
+    """bench/run.py is a script, not a package module: load it from its path."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+    spec = importlib.util.spec_from_file_location("bench_run", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+run_script = load_run_script()
+
+SUMMARY: dict[str, Any] = {
+    "date": "2025-01-02 03:04 UTC",
+    "machine": {"cores": 2, "load_average": [0.5, 0.25, 0.1], "python": "3.11.7", "uvloop": "0.21.0", "kernel": "6.1"},
+    "settings": {"duration": 8.0, "rounds": 5, "hold": 10000, "network": "own network namespace"},
+    "modes": {
+        "pingpong": {
+            "target": 1.35,
+            "servers": {
+                "zenref": {"cpu_us": 11.6, "rps": 40038, "p99_us": 2100.0, "errors": 0},
+                "ours": {"cpu_us": 15.1, "rps": 39350, "p99_us": 2500.0, "errors": 0, "ratio": 1.302,
+                         "ratio_min": 1.25, "ratio_max": 1.4, "round_ratios": [1.25, 1.302, 1.4]},
+                "before": {"cpu_us": 17.0, "rps": 35000, "p99_us": 2900.0, "errors": 0, "ratio": 1.466,
+                           "ratio_min": 1.4, "ratio_max": 1.5, "round_ratios": [1.4, 1.466, 1.5]},
+            },
+        }
+    },
+    "rss_per_idle_connection": {"zenref": 120, "ours": 1444, "before": 1988},
+    "rss_target": 1536,
+}  # fmt: skip
+
+PAGE = "# Performance\n\nProse before.\n\n<!-- figures:begin -->\nold figures\n<!-- figures:end -->\n\nProse after.\n"
+
+
+def test_figures_replace_only_the_text_between_the_markers() -> None:
+    page = run_script.replace_figures(PAGE, "new | table")
+    assert page == PAGE.replace("old figures", "new | table")
+    assert run_script.replace_figures(page, "again") == PAGE.replace("old figures", "again")
+
+
+@pytest.mark.parametrize("text", ["no markers", "<!-- figures:begin --> only", PAGE + PAGE])
+def test_figures_need_exactly_one_pair_of_markers(text: str) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        run_script.replace_figures(text, "x")
+
+
+def test_figures_table_has_every_server_ratio_and_the_machine() -> None:
+    table = run_script.figures_markdown(SUMMARY)
+    assert "| pingpong | ours | 11.60 us | 15.10 us | 1.30 | 1.25-1.40 | 1.35 | 39,350 | 2,500 us | 0 |" in table
+    assert "| pingpong | before | 11.60 us | 17.00 us | 1.47 | 1.40-1.50 |" in table
+    assert "| pingpong | zenref |" not in table  # zenref is the yardstick column, not a row
+    assert "2 cores" in table
+    assert "load average 0.5 / 0.25 / 0.1" in table
+    assert "Python 3.11.7" in table
+    assert "uvloop 0.21.0" in table
+    assert "| ours | 1,444 |" in table
+    assert "<!--" not in table
+
+
+def test_write_docs_fills_the_page_and_writes_the_results_beside_it(tmp_path: Path) -> None:
+    page = tmp_path / "performance.md"
+    page.write_text(PAGE)
+    run_script.write_docs(page, SUMMARY)
+    text = page.read_text()
+    assert text.startswith("# Performance\n\nProse before.\n\n<!-- figures:begin -->\nMeasured 2025-01-02")
+    assert text.endswith("<!-- figures:end -->\n\nProse after.\n")
+    assert "old figures" not in text
+    assert json.loads((tmp_path / "performance.json").read_text()) == SUMMARY
+
+
+def test_also_takes_name_equals_a_checkout(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    [server] = run_script.parse_also([f"before={tmp_path}"])
+    assert (server.name, server.path) == ("before", tmp_path.resolve())
+    for bad in ("before", f"={tmp_path}", f"ours={tmp_path}", f"x={tmp_path / 'nowhere'}"):
+        with pytest.raises(ValueError, match="NAME=PATH"):
+            run_script.parse_also([bad])
+    with pytest.raises(ValueError, match="differ"):
+        run_script.parse_also([f"a={tmp_path}", f"a={tmp_path}"])
