@@ -43,3 +43,4 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache site
+	$(MAKE) -C bench clean
