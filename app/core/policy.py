@@ -230,3 +230,23 @@ class Conversation:
             last_rx=self.last_rx,
             lingering=self.lingering,
         )
+
+
+def conversation_overdue(conv: Conversation, now: float, *, paused: bool) -> CloseReason | None:
+    """:meth:`Conversation.overdue` for a server that pauses reading for backpressure.
+
+    While reading is paused (``paused``: the answers wait on a client that
+    does not read them), the unfinished question waits on the server, not on
+    the client: only the idle clock runs, from the last progress, as in the
+    production worker's sweep.  So a client that never reads is still closed.
+    """
+    if paused and not conv.lingering:
+        return overdue(conv.limits, now, started_at=None, active=conv.active, last_rx=conv.last_rx)
+    return conv.overdue(now)
+
+
+def resume(conv: Conversation, now: float) -> None:
+    """Reading resumes after a backpressure pause: the wait was the server's, so the request clock restarts."""
+    conv.last_rx = now
+    if conv.started_at is not None and not conv.lingering:
+        conv.started_at = now

@@ -5,8 +5,9 @@ Owns: the registry of lab servers (name -> module, one-line description) and
 environment configuration as the production server (``HOST``, ``PORT``,
 ``MAX_REQUEST_BYTES``, ``LAB_POOL_SIZE``...).
 
-Never: parses bytes or chooses answers (``app.core.protocol`` and ``app.core.zen`` do,
-for every server alike), and never runs two servers in one process.
+Never: parses bytes, chooses answers, deadlines or closes (``app.core.policy`` does,
+over ``app.core.protocol`` and ``app.core.zen``, for every server and production
+alike, with production's limits), and never runs two servers in one process.
 
 Every lab server logs one ``server_ready`` event carrying the bound port
 (``PORT=0`` picks a free one), and stops on SIGTERM or Ctrl-C.

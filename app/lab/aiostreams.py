@@ -1,56 +1,51 @@
 """asyncio with coroutines: one handler per connection over streams (book: srv_asyncio2.py).
 
-Owns: the streams shell over ``QuestionReader``: ``await drain()`` after
-each write (backpressure), ``asyncio.timeout`` for the request and idle
-timeouts, a lingering close after an oversize question, and a proper close
-(``close()`` then ``await wait_closed()``); on the stock loop or uvloop.
-Its weakness: one event loop is one core, and a task per connection.
-Never: blocks the loop.
+Owns: the streams shell over the policy's ``Conversation``: each read under
+``asyncio.timeout`` until the conversation's deadline, ``await drain()``
+after each write (backpressure), and a proper close (``close()`` then
+``await wait_closed()``); on the stock loop or uvloop.  Its weakness: one
+event loop is one core, and a task per connection.
+Never: blocks the loop, or decides what to answer and when to close (``app.core.policy``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from app.config import Settings
-from app.core import zen
-from app.core.protocol import QuestionReader
-from app.lab.shell import LINGER_BYTES, LINGER_SECONDS, RECV_SIZE, announce_ready, open_listener, run_asyncio
+from app.core.policy import Conversation, Limits, Next, resume
+from app.lab.shell import RECV_SIZE, announce_ready, connection_limits, open_listener, run_asyncio
 
 
-async def _linger(stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    writer.write_eof()
-    discarded = 0
-    async with asyncio.timeout(LINGER_SECONDS):  # TimeoutError: handle() closes
-        while discarded < LINGER_BYTES:
-            data = await stream.read(RECV_SIZE)
-            if not data:
-                return
-            discarded += len(data)
+async def handle(stream: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits) -> None:
+    """Answer one client until the policy closes the connection, or an error; always closes.
 
-
-async def handle(stream: asyncio.StreamReader, writer: asyncio.StreamWriter, settings: Settings) -> None:
-    """Answer one client until EOF, a limit, a timeout or an error; always closes."""
-    reader = QuestionReader(settings.max_request_bytes)
+    The mirror image of ``shell.serve_conversation``, awaiting where it blocks.
+    """
+    conv = Conversation(limits, time.monotonic())
     try:
         while True:
-            async with asyncio.timeout(settings.request_timeout if reader.started else settings.idle_timeout):
+            async with asyncio.timeout(conv.deadline()[0] - time.monotonic()):
                 data = await stream.read(RECV_SIZE)
-            reader.receive_data(data)
-            questions = reader.next_questions()
-            if questions:
-                writer.write(zen.answers(questions))
-                await writer.drain()
-            if reader.too_long:
-                writer.write(zen.TOO_LONG)
-                await writer.drain()
-                await _linger(stream, writer)
+            now = time.monotonic()
+            if conv.lingering:
+                if conv.discard(data, now):
+                    return
+                continue
+            reply = conv.receive(data, now)
+            if reply.out:
+                writer.write(reply.out)
+                async with asyncio.timeout(limits.idle_timeout):
+                    await writer.drain()
+                resume(conv, time.monotonic())
+            if reply.next is Next.CLOSE:
                 return
-            if reader.eof:
-                return
+            if reply.next is Next.LINGER:
+                writer.write_eof()  # the answer and a FIN; read and discard on
     except (OSError, TimeoutError):
-        return
+        writer.transport.abort()  # gone, or too slow: drop what is unsent, so the close cannot wait on it
     finally:
         writer.close()
         try:
@@ -60,8 +55,9 @@ async def handle(stream: asyncio.StreamReader, writer: asyncio.StreamWriter, set
 
 
 async def _main(settings: Settings, name: str) -> None:
+    limits = connection_limits(settings)
     listener = open_listener(settings, blocking=False)
-    server = await asyncio.start_server(lambda r, w: handle(r, w, settings), sock=listener)
+    server = await asyncio.start_server(lambda r, w: handle(r, w, limits), sock=listener)
     announce_ready(name, listener, settings, loop=type(asyncio.get_running_loop()).__module__)
     async with server:
         await server.serve_forever()

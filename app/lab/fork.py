@@ -17,7 +17,7 @@ from types import FrameType
 from typing import Any
 
 from app.config import Settings
-from app.lab.shell import accept_one, announce_ready, open_listener, serve_conversation
+from app.lab.shell import accept_one, announce_ready, connection_limits, open_listener, serve_conversation
 
 _children: set[int] = set()
 
@@ -36,6 +36,7 @@ def _reap(_signum: int = 0, _frame: FrameType | None = None) -> None:
 def serve(settings: Settings, *, name: str, **_options: Any) -> int:
     """Serve forever (until SIGTERM), one process per client; ends the children on the way out."""
     signal.signal(signal.SIGCHLD, _reap)
+    limits = connection_limits(settings)
     with open_listener(settings) as listener:
         announce_ready(name, listener, settings)
         try:
@@ -52,7 +53,7 @@ def serve(settings: Settings, *, name: str, **_options: Any) -> int:
                         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                         listener.close()
                         try:
-                            serve_conversation(conn, settings)
+                            serve_conversation(conn, limits)
                         finally:
                             os._exit(0)
                     _children.add(pid)

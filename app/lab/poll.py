@@ -1,13 +1,15 @@
 """One epoll loop (selectors) that keeps every connection's state itself.
 
 Owns: the book's ``srv_async.py`` idea, non-blocking sockets and a readiness
-loop, with per-connection state in a :class:`Conn` (reader, unsent bytes,
-deadline), without the book's bug: the book keyed its state by file
+loop, with per-connection state in a :class:`Conn` (the policy's
+``Conversation``, unsent bytes, what comes next) and one sweep of the
+deadlines, without the book's bug: the book keyed its state by file
 descriptor, so an event of a socket closed earlier in the same batch was
 applied to a new connection that had just reused that descriptor.  Here an
 event carries the :class:`Conn` it was registered with, and a closed Conn
 ignores it.
-Never: blocks in anything but ``select()``.  Its weakness: one core.
+Never: blocks in anything but ``select()``, or decides what to answer and
+when to close (``app.core.policy``).  Its weakness: one core.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from app.config import Settings
-from app.core import zen
+from app.core.policy import CloseReason, Conversation, Next, conversation_overdue, resume
 from app.core.protocol import QuestionReader
-from app.lab.shell import LINGER_BYTES, LINGER_SECONDS, RECV_SIZE, announce_ready, open_listener
+from app.lab.shell import RECV_SIZE, announce_ready, connection_limits, open_listener
 from app.server.listener import tune_accepted
 
 #: Timeouts are checked by one sweep at most this often (like the worker's).
@@ -30,18 +32,22 @@ _R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class Conn:
-    """One connection's state: what came in, what is still to send, and when it expires."""
+    """One connection's state: its conversation, what is still to send, and what comes next."""
 
-    __slots__ = ("closed", "deadline", "discarded", "done", "lingering", "out", "reader", "sel", "settings", "sock")
+    __slots__ = ("closed", "conv", "max_unsent", "next", "out", "paused", "sel", "shut", "sock")
 
     def __init__(self, sock: socket.socket, sel: selectors.BaseSelector, settings: Settings) -> None:
-        self.sock, self.sel, self.settings = sock, sel, settings
-        self.reader = QuestionReader(settings.max_request_bytes)
+        self.sock, self.sel, self.max_unsent = sock, sel, settings.max_unsent_bytes
+        self.conv = Conversation(connection_limits(settings), time.monotonic())
         self.out = bytearray()
-        self.closed = self.done = self.lingering = False
-        self.discarded = 0
-        self.deadline = time.monotonic() + settings.idle_timeout
+        self.next = Next.READ
+        self.closed = self.paused = self.shut = False
         sel.register(sock, _R, self)
+
+    @property
+    def reader(self) -> QuestionReader:
+        """The conversation's question reader (what came in and is not answered yet)."""
+        return self.conv.reader
 
     def on_event(self, mask: int) -> None:
         if mask & _R:
@@ -59,19 +65,14 @@ class Conn:
         except OSError:
             self.close()
             return
-        if self.lingering:
-            self.discarded += len(data)
-            if not data or self.discarded > LINGER_BYTES:
-                self.close()
+        now = time.monotonic()
+        if self.conv.lingering:
+            if self.conv.discard(data, now):
+                self.next = Next.CLOSE  # once the answer is out
             return
-        reader = self.reader
-        reader.receive_data(data)
-        self.out += zen.answers(reader.next_questions())
-        if reader.too_long:
-            self.out += zen.TOO_LONG
-        self.done = reader.too_long or reader.eof
-        limit = self.settings.request_timeout if reader.started else self.settings.idle_timeout
-        self.deadline = time.monotonic() + limit
+        reply = self.conv.receive(data, now)
+        self.out += reply.out
+        self.next = reply.next
 
     def _flush(self) -> None:
         try:
@@ -84,23 +85,31 @@ class Conn:
         del self.out[:sent]
 
     def _update(self) -> None:
-        """Choose the events to wait for; finish the connection once all is sent."""
-        if self.done and not self.out and not self.lingering:
-            if not self.reader.too_long:
+        """Finish the connection once all is sent, or choose the events to wait for."""
+        if not self.out and self.next is not Next.READ:
+            if self.next is Next.CLOSE:
                 self.close()
                 return
-            self.lingering = True  # see shell.LINGER_SECONDS
-            self.deadline = time.monotonic() + LINGER_SECONDS
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self.close()
-                return
+            if not self.shut:  # lingering: the answer is out, now the FIN; read and discard on
+                self.shut = True
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    self.close()
+                    return
         # Backpressure: stop reading while the unsent answers exceed the bound.
-        reading = self.lingering or (not self.done and len(self.out) < self.settings.max_unsent_bytes)
+        paused = self.next is Next.READ and len(self.out) >= self.max_unsent
+        if self.paused and not paused:
+            resume(self.conv, time.monotonic())
+        self.paused = paused
+        reading = self.next is Next.LINGER or (self.next is Next.READ and not paused)
         events = (_R if reading else 0) | (_W if self.out else 0)
         if events != self.sel.get_key(self.sock).events:
             self.sel.modify(self.sock, events, self)
+
+    def overdue(self, now: float) -> CloseReason | None:
+        """Why the sweep closes this connection at ``now``, or None (the policy's clocks)."""
+        return conversation_overdue(self.conv, now, paused=self.paused)
 
     def close(self) -> None:
         if not self.closed:
@@ -150,6 +159,6 @@ def serve(settings: Settings, *, name: str, **_options: Any) -> int:
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + TICK
-                for conn in [c for c in conns if c.closed or c.deadline < now]:
+                for conn in [c for c in conns if c.closed or c.overdue(now)]:
                     conn.close()
                     conns.discard(conn)

@@ -15,24 +15,26 @@ import socket
 from typing import Any
 
 from app.config import Settings
-from app.lab.shell import accept_one, announce_ready, open_listener, serve_conversation
+from app.core.policy import Limits
+from app.lab.shell import accept_one, announce_ready, connection_limits, open_listener, serve_conversation
 
 
-def _child(listener: socket.socket, settings: Settings) -> None:
+def _child(listener: socket.socket, limits: Limits) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent ends us
     while True:
         conn = accept_one(listener)
         if conn is not None:
-            serve_conversation(conn, settings)
+            serve_conversation(conn, limits)
 
 
 def serve(settings: Settings, *, name: str, **_options: Any) -> int:
     """Start the pool, wait for it; terminate and join it on SIGTERM/SIGINT."""
     ctx = multiprocessing.get_context("fork")
+    limits = connection_limits(settings)
     with open_listener(settings) as listener:
         procs = [
-            ctx.Process(target=_child, args=(listener, settings), daemon=True) for _ in range(settings.lab_pool_size)
+            ctx.Process(target=_child, args=(listener, limits), daemon=True) for _ in range(settings.lab_pool_size)
         ]
         try:
             for proc in procs:

@@ -31,7 +31,11 @@ def serve(settings: Settings, *, name: str, percore: bool = False, **_options: A
 
     listener = open_listener(settings, blocking=False)
     log = logs.get_logger(worker=0, pid=os.getpid())
-    worker = Worker(settings, listener, log=log, on_ready=lambda: announce_ready(name, listener, settings))
+    # The close line per connection through the same batched logger as a production worker's.
+    conn_log = logs.HotLogger(settings, worker=0, pid=os.getpid())
+    worker = Worker(
+        settings, listener, log=log, conn_log=conn_log, on_ready=lambda: announce_ready(name, listener, settings)
+    )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -1,12 +1,16 @@
-"""What every lab server shares: the listener, the ready event, the blocking conversation.
+"""What every lab server shares: the listener, the ready event, production's limits, the blocking conversation.
 
 Owns: binding a lab server's one listening socket, logging ``server_ready``
-with its port, the blocking per-connection loop over ``QuestionReader``
-(used by the single, thread, fork and pool servers) and the lingering close
-after ``Error: request too long.``
+with its port, the :class:`~app.core.policy.Limits` of a connection built
+from the settings exactly as production's (:func:`connection_limits`), and
+the blocking per-connection loop (:func:`serve_conversation`, used by the
+single, thread, fork and pool servers): ``recv`` with a socket timeout that
+ends at the conversation's deadline.
 
-Never: decides how connections are waited for; that is what each lab
-module shows, and the only thing in which they differ.
+Never: decides what to answer, which deadline applies or when to linger and
+close (``app.core.policy`` does, for every server and production alike), or
+how connections are waited for: that is what each lab module shows, and the
+only thing in which they differ.
 """
 
 from __future__ import annotations
@@ -20,18 +24,20 @@ from typing import Any, Final
 
 from app import logs
 from app.config import Settings
-from app.core import zen
-from app.core.protocol import QuestionReader
+from app.core.policy import Conversation, Limits, Next, resume
 from app.server.listener import bind_socket, tune_accepted
 
 #: One recv() per wakeup; 64 KiB is the loopback segment size and asyncio's default.
 RECV_SIZE: Final = 65536
-#: Lingering close (nginx's lingering_time/lingering_timeout): after the
-#: too-long answer, read and discard the client's input for at most this long
-#: and this much, so that closing with unread input does not send a reset
-#: that destroys the answer in flight.
-LINGER_SECONDS: Final = 2.0
-LINGER_BYTES: Final = 4 << 20
+
+
+def connection_limits(settings: Settings) -> Limits:
+    """The bounds of one connection, as production's: the settings' limits, the policy's linger bounds."""
+    return Limits(
+        max_question=settings.max_request_bytes,
+        request_timeout=settings.request_timeout,
+        idle_timeout=settings.idle_timeout,
+    )
 
 
 def open_listener(settings: Settings, *, blocking: bool = True) -> socket.socket:
@@ -60,49 +66,39 @@ def accept_one(listener: socket.socket) -> socket.socket | None:
     return conn
 
 
-def serve_conversation(conn: socket.socket, settings: Settings) -> None:
-    """Answer every question on blocking ``conn`` until EOF, a limit or an error; closes ``conn``.
+def serve_conversation(conn: socket.socket, limits: Limits) -> None:
+    """Answer every question on blocking ``conn`` until the policy closes it, or an error; closes ``conn``.
 
-    The request timeout applies while a question is started, the idle
-    timeout otherwise.  ``sendall`` blocking is the backpressure: a client
-    that does not read stops us reading.
+    Each ``recv`` may wait until the conversation's deadline and no longer
+    (a timeout is the close).  ``sendall`` blocking is the backpressure: a
+    client that does not read stops us reading, for at most the idle
+    timeout; once it has read, the request clock restarts (as production's).
     """
-    reader = QuestionReader(settings.max_request_bytes)
+    conv = Conversation(limits, time.monotonic())
     with conn:
         try:
             while True:
-                conn.settimeout(settings.request_timeout if reader.started else settings.idle_timeout)
-                reader.receive_data(conn.recv(RECV_SIZE))
-                questions = reader.next_questions()
-                if questions:
-                    conn.sendall(zen.answers(questions))
-                if reader.too_long:
-                    conn.sendall(zen.TOO_LONG)
-                    linger_close(conn)
+                left = conv.deadline()[0] - time.monotonic()
+                if left <= 0:
                     return
-                if reader.eof:
+                conn.settimeout(left)
+                data = conn.recv(RECV_SIZE)
+                now = time.monotonic()
+                if conv.lingering:
+                    if conv.discard(data, now):
+                        return
+                    continue
+                reply = conv.receive(data, now)
+                if reply.out:
+                    conn.settimeout(limits.idle_timeout)
+                    conn.sendall(reply.out)
+                    resume(conv, time.monotonic())
+                if reply.next is Next.CLOSE:
                     return
-        except OSError:  # timeout, reset: the client is gone or too slow
+                if reply.next is Next.LINGER:
+                    conn.shutdown(socket.SHUT_WR)  # the answer and a FIN; read and discard on
+        except OSError:  # a timeout, a reset: the client is gone or too slow
             return
-
-
-def linger_close(conn: socket.socket) -> None:
-    """Half-close, then read and discard until EOF or the linger bounds; the caller closes."""
-    try:
-        conn.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + LINGER_SECONDS
-        discarded = 0
-        while discarded < LINGER_BYTES:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            conn.settimeout(left)
-            data = conn.recv(RECV_SIZE)
-            if not data:
-                return
-            discarded += len(data)
-    except OSError:
-        return
 
 
 def run_asyncio(main: Coroutine[Any, Any, None], *, uvloop: bool) -> int:

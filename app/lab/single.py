@@ -10,14 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from app.config import Settings
-from app.lab.shell import accept_one, announce_ready, open_listener, serve_conversation
+from app.lab.shell import accept_one, announce_ready, connection_limits, open_listener, serve_conversation
 
 
 def serve(settings: Settings, *, name: str, **_options: Any) -> int:
     """Serve forever (until SIGTERM), one client at a time."""
+    limits = connection_limits(settings)
     with open_listener(settings) as listener:
         announce_ready(name, listener, settings)
         while True:
             conn = accept_one(listener)
             if conn is not None:
-                serve_conversation(conn, settings)
+                serve_conversation(conn, limits)

@@ -12,14 +12,15 @@ import threading
 from typing import Any
 
 from app.config import Settings
-from app.lab.shell import accept_one, announce_ready, open_listener, serve_conversation
+from app.lab.shell import accept_one, announce_ready, connection_limits, open_listener, serve_conversation
 
 
 def serve(settings: Settings, *, name: str, **_options: Any) -> int:
     """Serve forever (until SIGTERM), one thread per client."""
+    limits = connection_limits(settings)
     with open_listener(settings) as listener:
         announce_ready(name, listener, settings)
         while True:
             conn = accept_one(listener)
             if conn is not None:
-                threading.Thread(target=serve_conversation, args=(conn, settings), daemon=True).start()
+                threading.Thread(target=serve_conversation, args=(conn, limits), daemon=True).start()

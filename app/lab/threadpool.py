@@ -13,22 +13,24 @@ import threading
 from typing import Any
 
 from app.config import Settings
-from app.lab.shell import accept_one, announce_ready, open_listener, serve_conversation
+from app.core.policy import Limits
+from app.lab.shell import accept_one, announce_ready, connection_limits, open_listener, serve_conversation
 
 
-def _accept_forever(listener: socket.socket, settings: Settings) -> None:
+def _accept_forever(listener: socket.socket, limits: Limits) -> None:
     while True:
         conn = accept_one(listener)
         if conn is not None:
-            serve_conversation(conn, settings)
+            serve_conversation(conn, limits)
 
 
 def serve(settings: Settings, *, name: str, **_options: Any) -> int:
     """Start the pool and wait for it (forever, until SIGTERM ends the process)."""
     size = settings.lab_pool_size
+    limits = connection_limits(settings)
     with open_listener(settings) as listener:
         threads = [
-            threading.Thread(target=_accept_forever, args=(listener, settings), name=f"pool-{i}", daemon=True)
+            threading.Thread(target=_accept_forever, args=(listener, limits), name=f"pool-{i}", daemon=True)
             for i in range(size)
         ]
         for thread in threads:
