@@ -165,10 +165,8 @@ def overdue(
         return None
     if closing:
         return CloseReason.IDLE_TIMEOUT if now - last_rx > limits.idle_timeout else None
-    if started_at is not None:
-        if not paused and now - started_at > limits.request_timeout:
-            return CloseReason.REQUEST_TIMEOUT
-        return None
+    if started_at is not None and not paused and now - started_at > limits.request_timeout:
+        return CloseReason.REQUEST_TIMEOUT
     return CloseReason.IDLE_TIMEOUT if now - active > limits.idle_timeout else None
 
 
@@ -220,8 +218,13 @@ class Conversation:
             return self.started_at + limits.request_timeout, CloseReason.REQUEST_TIMEOUT
         return self.active + limits.idle_timeout, CloseReason.IDLE_TIMEOUT
 
-    def overdue(self, now: float) -> CloseReason | None:
-        """The reason to close at ``now``, or None (the same rule as the production sweep)."""
+    def overdue(self, now: float, *, paused: bool = False) -> CloseReason | None:
+        """The reason to close at ``now``, or None (the same rule as the production sweep).
+
+        ``paused``: reading is paused because the client does not read its
+        answers; the unfinished question then waits on the server, so only
+        the idle clock runs (a client that never reads is still closed).
+        """
         return overdue(
             self.limits,
             now,
@@ -229,20 +232,8 @@ class Conversation:
             active=self.active,
             last_rx=self.last_rx,
             lingering=self.lingering,
+            paused=paused,
         )
-
-
-def conversation_overdue(conv: Conversation, now: float, *, paused: bool) -> CloseReason | None:
-    """:meth:`Conversation.overdue` for a server that pauses reading for backpressure.
-
-    While reading is paused (``paused``: the answers wait on a client that
-    does not read them), the unfinished question waits on the server, not on
-    the client: only the idle clock runs, from the last progress, as in the
-    production worker's sweep.  So a client that never reads is still closed.
-    """
-    if paused and not conv.lingering:
-        return overdue(conv.limits, now, started_at=None, active=conv.active, last_rx=conv.last_rx)
-    return conv.overdue(now)
 
 
 def resume(conv: Conversation, now: float) -> None:

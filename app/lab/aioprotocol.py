@@ -15,7 +15,7 @@ import time
 from typing import Any, Final
 
 from app.config import Settings
-from app.core.policy import CloseReason, Conversation, Limits, Next, Reply, conversation_overdue, resume
+from app.core.policy import CloseReason, Conversation, Limits, Next, Reply, resume
 from app.lab.shell import announce_ready, connection_limits, open_listener, run_asyncio
 
 #: Timeouts are checked by one sweep at most this often (like the worker's).
@@ -72,7 +72,7 @@ class ZenProtocol(asyncio.Protocol):
 
     def overdue(self, now: float) -> CloseReason | None:
         """Why the sweep closes this connection at ``now``, or None (the policy's clocks)."""
-        return conversation_overdue(self.conv, now, paused=self.paused)
+        return self.conv.overdue(now, paused=self.paused)
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - asyncio API
         self.conns.discard(self)

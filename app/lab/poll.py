@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from app.config import Settings
-from app.core.policy import CloseReason, Conversation, Next, conversation_overdue, resume
+from app.core.policy import CloseReason, Conversation, Next, resume
 from app.core.protocol import QuestionReader
 from app.lab.shell import RECV_SIZE, announce_ready, connection_limits, open_listener
 from app.server.listener import tune_accepted
@@ -109,7 +109,7 @@ class Conn:
 
     def overdue(self, now: float) -> CloseReason | None:
         """Why the sweep closes this connection at ``now``, or None (the policy's clocks)."""
-        return conversation_overdue(self.conv, now, paused=self.paused)
+        return self.conv.overdue(now, paused=self.paused)
 
     def close(self) -> None:
         if not self.closed:

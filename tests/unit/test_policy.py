@@ -84,6 +84,7 @@ def test_progress_is_not_reset_per_byte() -> None:
         ({"started_at": None, "active": 0.0, "last_rx": 0.0}, 61.0, CloseReason.IDLE_TIMEOUT),
         ({"started_at": 0.0, "active": 0.0, "last_rx": 9.5}, 10.5, CloseReason.REQUEST_TIMEOUT),
         ({"started_at": 0.0, "active": 0.0, "last_rx": 9.5, "paused": True}, 10.5, None),
+        ({"started_at": 0.0, "active": 0.0, "last_rx": 9.5, "paused": True}, 61.0, CloseReason.IDLE_TIMEOUT),
         ({"started_at": 0.0, "active": 0.0, "last_rx": 0.0, "lingering": True}, 0.9, None),
         ({"started_at": 0.0, "active": 0.0, "last_rx": 0.0, "lingering": True}, 1.1, CloseReason.TOO_LONG),
         ({"started_at": 0.0, "active": 0.0, "last_rx": 4.9, "lingering": True}, 5.1, CloseReason.TOO_LONG),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.core.policy import CloseReason, Conversation, Limits, conversation_overdue, resume
+from app.core.policy import CloseReason, Conversation, Limits, resume
 
 LIMITS = Limits(max_question=64, request_timeout=10.0, idle_timeout=60.0, linger_quiet=1.0, linger_max=5.0)
 Q = b"Beautiful is better than?"
@@ -12,15 +12,15 @@ def test_a_paused_question_is_judged_by_the_idle_clock_only() -> None:
     conv = Conversation(LIMITS, now=0.0)
     conv.receive(Q + b"Beauti", 1.0)  # answered one, the next began
     assert conv.overdue(12.0) is CloseReason.REQUEST_TIMEOUT
-    assert conversation_overdue(conv, 12.0, paused=False) is CloseReason.REQUEST_TIMEOUT
-    assert conversation_overdue(conv, 12.0, paused=True) is None  # the wait is the server's
-    assert conversation_overdue(conv, 61.5, paused=True) is CloseReason.IDLE_TIMEOUT  # a client that never reads
+    assert conv.overdue(12.0, paused=False) is CloseReason.REQUEST_TIMEOUT
+    assert conv.overdue(12.0, paused=True) is None  # the wait is the server's
+    assert conv.overdue(61.5, paused=True) is CloseReason.IDLE_TIMEOUT  # a client that never reads
 
 
 def test_lingering_is_not_paused() -> None:
     conv = Conversation(LIMITS, now=0.0)
     conv.receive(b"x" * 100, 0.0)
-    assert conversation_overdue(conv, 1.5, paused=True) is CloseReason.TOO_LONG
+    assert conv.overdue(1.5, paused=True) is CloseReason.TOO_LONG
 
 
 def test_resume_restarts_the_request_clock_only() -> None:
