@@ -21,6 +21,7 @@ import pytest
 from app.config import Settings
 from app.exits import Exit
 from app.server.listener import bind_slots
+from app.server.heartbeat import READY
 from app.server.master import Master, WorkerProcesses
 from app.server.supervision import (
     CRASH_LIMIT,
@@ -536,7 +537,7 @@ class FakeWorkerLauncher:
 
     def __call__(self, settings: Settings, sock: socket.socket, slot: int, ready_w: int, parent_pid: int) -> int:
         self.calls.append((sock.fileno(), slot, parent_pid))
-        os.write(ready_w, b"1")
+        os.write(ready_w, READY)
         return 5000 + slot
 
 
@@ -549,7 +550,7 @@ def test_worker_processes_give_each_slot_its_socket_and_a_ready_pipe() -> None:
     try:
         assert procs.spawn(1) == 5001
         assert launcher.calls == [(socks[1].fileno(), 1, os.getpid())]
-        assert os.read(procs.pipes[5001], 1) == b"1"
+        assert os.read(procs.pipes[5001], 1) == READY
         assert procs.open_slot(2)
         assert procs.socks[2].getsockname()[1] == procs.port  # same reuseport group
         procs.close_slot(2)
