@@ -162,6 +162,7 @@ def test_a_stopped_worker_is_dumped_killed_and_replaced_and_its_backlog_answered
             server.wait_event("connection_closed", start=mark)  # the load is flowing
             stopped = time.monotonic()
             os.kill(victim, signal.SIGSTOP)
+            landed = time.monotonic()  # from here on nothing enters the victim
             try:
                 server.wait_event("worker_ready", lambda e: e["worker"] == 0, timeout=TIMEOUT + 10, start=mark)
                 replaced = time.monotonic()
@@ -171,17 +172,20 @@ def test_a_stopped_worker_is_dumped_killed_and_replaced_and_its_backlog_answered
             attempts = load.stop()
         hung = server.wait_event("worker_hung", start=mark)
         dump = server.wait_event("worker_stack_dump", start=mark)
-        failed = [a for a in attempts if a.answered is None]
-        backlog = [
-            a for a in attempts if a.answered and stopped < a.opened < replaced and a.answered >= replaced - 0.05
-        ]
+        # A connection the victim had already accepted when it stopped dies with it: nobody else holds it.
+        in_flight = [a for a in attempts if a.answered is None and a.opened < landed]
+        failed = [a for a in attempts if a.answered is None and a.opened >= landed]
+        # Queued on the stopped worker's socket: opened during the hang, answered only by its successor
+        # (the other worker answers within milliseconds).
+        backlog = [a for a in attempts if a.answered and a.opened > stopped and a.answered - a.opened > 1]
         waits = sorted(a.answered - a.opened for a in backlog if a.answered)
         fresh = [ask(server.port) for _ in range(20)]
         status, body = get(f"http://127.0.0.1:{admin}/healthz")
         _, exposition = get(f"http://127.0.0.1:{admin}/metrics")
         print(
             f"\nhung worker: replaced {replaced - stopped:.2f} s after SIGSTOP (WORKER_TIMEOUT={TIMEOUT}); "
-            f"{len(attempts)} connections, {len(failed)} failed; {len(backlog)} answered from its backlog by the "
+            f"{len(attempts)} connections, {len(failed)} failed "
+            f"({len(in_flight)} lost in flight in the stopped worker); {len(backlog)} answered from its backlog by the "
             f"successor (waited {waits[0]:.2f}..{waits[-1]:.2f} s); silent {hung['silent']} s when declared hung"
         )
         assert hung["pid"] == victim
@@ -189,7 +193,8 @@ def test_a_stopped_worker_is_dumped_killed_and_replaced_and_its_backlog_answered
         assert dump["pid"] == victim
         assert "most recent call first" in dump["stack"]
         assert replaced - stopped <= TIMEOUT + 2
-        assert not failed, failed[:5]
+        assert not failed, [(a.opened - stopped, a.error) for a in failed]
+        assert len(in_flight) <= 2
         assert len(backlog) >= 5
         assert fresh == [A] * 20
         assert status == 200
