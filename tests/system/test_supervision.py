@@ -200,6 +200,8 @@ def test_a_stopped_worker_is_dumped_killed_and_replaced_and_its_backlog_answered
         assert status == 200
         assert json.loads(body)["hung"] == {"now": 0, "by_slot": {"0": 1}}
         assert 'zen_workers_hung_total{slot="0"} 1.0' in exposition
+        assert 'zen_logs_dropped_total{process="master"} 0.0' in exposition
+        assert 'zen_logs_dropped_total{process="worker"} 0.0' in exposition
         assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
 
 
