@@ -108,6 +108,15 @@ def _valid_cidrs(cidrs: tuple[str, ...]) -> None:
 
 #: Timeouts must be strictly positive: 0 would close every connection at once.
 _positive: Final = Range(min=0, min_inclusive=False)
+#: A worker beats twice a second (app.server.heartbeat): a timeout under 2 s
+#: would take a loop that is merely late for a hung one.
+_MIN_WORKER_TIMEOUT: Final = 2.0
+
+
+def _valid_worker_timeout(seconds: float) -> None:
+    """WORKER_TIMEOUT: 0 (off) or at least _MIN_WORKER_TIMEOUT, at most an hour."""
+    if seconds != 0 and not _MIN_WORKER_TIMEOUT <= seconds <= 3600:
+        raise ValidationError(f"must be 0 (off) or between {_MIN_WORKER_TIMEOUT:g} and 3600 seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +175,28 @@ class Settings:
     )
     graceful_timeout: float = setting(
         25.0, "seconds a graceful stop waits for connections (inside Heroku's 30)", validate=Range(0, 3600)
+    )
+    #: Why 30 s (gunicorn's --timeout default): a live loop beats twice a
+    #: second even at 100 % CPU, so only a real hang goes silent for seconds;
+    #: 30 s still outlasts a long garbage collection, a swap storm or a
+    #: CPU-throttled container, which would otherwise kill healthy workers,
+    #: and bounds what a hang costs the connections queued on its socket to
+    #: about the timeouts clients commonly use.
+    worker_timeout: float = setting(
+        30.0,
+        "seconds a worker's event loop may stay silent before it is declared hung, its stack dumped, "
+        "and it is killed and replaced; 0 = never (at least 2)",
+        validate=_valid_worker_timeout,
+    )
+    max_requests: int = setting(
+        0,
+        "questions a worker answers before it is replaced (zero-downtime, like HUP); 0 = never",
+        validate=Range(0, 1 << 40),
+    )
+    max_requests_jitter: int = setting(
+        0,
+        "each worker adds a random 0..this to MAX_REQUESTS, so workers do not recycle together",
+        validate=Range(0, 1 << 40),
     )
     drain_quiet: float = setting(
         1.0, "during a stop, close a connection once quiet between questions this long", validate=Range(0, 60)

@@ -135,11 +135,20 @@ def flush_batches() -> None:
         logger.flush()
 
 
+#: At exit a process waits this long at most for a slow log reader to take
+#: the lines still in its buffer: long enough for a reader that is merely
+#: behind (a second of a busy worker's log at 1 MB/s), short enough that a
+#: reader that is gone delays a stop by little inside GRACEFUL_TIMEOUT's
+#: budget.  What is still waiting after it is lost, unreported.
+EXIT_DRAIN: Final = 5.0
+
+
 def _at_exit() -> None:
-    """Batched lines out, then one last try for what waits in the sinks (never blocking)."""
+    """Batched lines out, then a bounded wait for what waits in the sinks."""
     flush_batches()
+    deadline = time.monotonic() + EXIT_DRAIN
     for found in list(_sinks.values()):
-        found.flush()
+        found.drain(max(0.0, deadline - time.monotonic()))
 
 
 atexit.register(_at_exit)

@@ -20,6 +20,8 @@ reader, and a terminal's flags are shared with the shell that started us.
 Who drains the buffer: each write first tries the queued lines; a worker's
 event loop watches the descriptor (``add_writer``) while lines wait, and
 the master's main loop calls :meth:`LogSink.flush` when :meth:`pending`.
+At exit (``logs``), :meth:`LogSink.drain` waits a bounded time for a slow
+reader to take what is left.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import select
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -104,6 +107,19 @@ class LogSink:
             self._flush_locked()
             self._watch()
             return not self._queue
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the descriptor to take what waits; True when nothing does."""
+        deadline = time.monotonic() + timeout
+        while not self.flush():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                select.select([], [self.fd], [], left)
+            except (OSError, ValueError):
+                return False
+        return True
 
     def close(self) -> None:
         """Stop watching the descriptor; later writes are dropped silently (the process is ending)."""

@@ -11,12 +11,19 @@ blocks the master: it runs in its own thread, serves one request at a time
 immutable snapshot.
 
 - ``/healthz``: 200 while the master's loop is turning (it publishes at
-  least once a second) and every worker slot has a live process; 503
-  otherwise (a crashed worker waiting for its respawn, a wedged master).
+  least once a second), every worker slot has a live process and no worker
+  is hung; 503 otherwise (a crashed worker waiting for its respawn, a
+  worker silent for WORKER_TIMEOUT until it is replaced, a wedged master).
 - ``/readyz``: 200 once every worker has been ready and no stop has begun;
   503 from the moment a stop signal arrives (the signal handler records it,
   before the master closes the listeners), so a load balancer or a
-  Kubernetes Service stops sending new connections first.
+  Kubernetes Service stops sending new connections first.  A hung worker
+  does not make the server unready: the connections queued on its socket
+  wait for its successor, seconds away, and taking the whole instance out
+  of a load balancer for that would cost more than it saves.
+
+Both bodies count the hung workers (``hung``: now, and since the start by
+slot) and the workers recycled after MAX_REQUESTS.
 - ``/metrics``: Prometheus text exposition over all workers (``metrics``).
 """
 
@@ -53,6 +60,9 @@ class MasterStatus:
     running: int = 0  # slots with a live worker process
     ready_workers: int = 0  # slots whose worker reported ready
     restarts: int = 0  # workers respawned after a crash
+    recycles: int = 0  # workers replaced after MAX_REQUESTS
+    hung: tuple[tuple[int, int], ...] = ()  # (slot, workers declared hung there), since the start
+    hung_now: int = 0  # workers declared hung and not gone yet
     announced: bool = False  # every slot was ready once (server_ready)
     stopping: bool = False
     updated: float = 0.0  # time.monotonic() of publication
@@ -64,9 +74,9 @@ class MasterStatus:
 
     @property
     def live(self) -> bool:
-        """The master's loop turns and every slot has a worker (or a stop is under way)."""
+        """The master's loop turns and every slot has a worker that is not hung (or a stop is under way)."""
         fresh = time.monotonic() - self.updated <= HEARTBEAT_STALE
-        return fresh and (self.stopping or self.running >= self.slots)
+        return fresh and (self.stopping or (self.running >= self.slots and not self.hung_now))
 
 
 class AdminServer:
@@ -131,6 +141,8 @@ def _status_body(st: MasterStatus, *, ok: bool) -> bytes:
             "stopping": st.stopping,
             "workers": {"configured": st.slots, "running": st.running, "ready": st.ready_workers},
             "restarts": st.restarts,
+            "recycles": st.recycles,
+            "hung": {"now": st.hung_now, "by_slot": {str(slot): n for slot, n in st.hung}},
             "master_pid": st.pid,
         },
         option=orjson.OPT_APPEND_NEWLINE,

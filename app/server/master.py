@@ -3,11 +3,15 @@
 Owns: the I/O around :mod:`app.server.supervision`, which makes every
 decision.  That is: the listening sockets (kept open for the master's whole
 life, so a worker crash or restart loses none of the connections queued in
-a backlog), spawning workers and their readiness pipes, reaping every child
-(it may be PID 1 in a container), the signal handlers, the admin listener,
-and the loop that feeds the supervisor what happened: signals (TERM/INT
-graceful stop, a second one immediate; QUIT immediate; HUP zero-downtime
-reload; TTIN/TTOU one worker more or less), readiness, exits and time.
+a backlog), spawning workers and the pipe each one reports on (ready,
+alive, recycle me; then its stack dump, logged as ``worker_stack_dump``),
+reaping every child (it may be PID 1 in a container), the signal handlers,
+the admin listener, and the loop that feeds the supervisor what happened:
+signals (TERM/INT graceful stop, a second one immediate; QUIT immediate;
+HUP zero-downtime reload; TTIN/TTOU one worker more or less), what the
+workers said, exits and time.  The same loop writes the master's log
+lines that wait for a stalled stdout (``app.logsink``): it never blocks
+on its log.
 
 Never: serves a connection, runs an event loop, or decides on its own when
 to respawn, reload or stop.  Signal handlers only record the signal;
@@ -29,10 +33,20 @@ from typing import Any, Final
 
 from app.config import Settings
 from app.exits import Exit
+from app.logsink import LogSink
 from app.server import metrics
 from app.server.admin import AdminServer, MasterStatus
+from app.server.heartbeat import DUMP_SIGNAL
 from app.server.listener import bind_slots, bind_socket
-from app.server.supervision import CRASH_LIMIT, CRASH_WINDOW, KILL_GRACE, RESPAWN_CAP, RESPAWN_FIRST, Supervisor
+from app.server.supervision import (
+    CRASH_LIMIT,
+    CRASH_WINDOW,
+    KILL_GRACE,
+    MASTER_TURN,
+    RESPAWN_CAP,
+    RESPAWN_FIRST,
+    Supervisor,
+)
 
 __all__ = [
     "CRASH_LIMIT",
@@ -62,6 +76,7 @@ HANDLED_SIGNALS: Final = (
 STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 
 #: spawn(settings, sock, slot, ready_w, parent_pid) -> pid
+#: (``ready_w``: the write end of the worker's pipe, see ``app.server.heartbeat``)
 Spawner = Callable[[Settings, socket.socket, int, int, int], int]
 
 
@@ -90,8 +105,9 @@ class WorkerProcesses:
     """The supervisor's :class:`~app.server.supervision.Effects` on the real system.
 
     Resource handling: owns one listening socket per open slot (``socks[i]``
-    is slot ``i``'s, removed when closed) and the read end of each worker's readiness pipe
-    (``pipes[pid]``), closed by :meth:`forget` once the worker is reaped.
+    is slot ``i``'s, removed when closed) and the read end of each worker's
+    pipe (``pipes[pid]``, non-blocking), closed by :meth:`forget` at its end
+    of file or once the worker is reaped.
     """
 
     def __init__(self, settings: Settings, *, log: Any, spawner: Spawner) -> None:
@@ -100,6 +116,7 @@ class WorkerProcesses:
         self.spawner = spawner
         self.socks: dict[int, socket.socket] = {}
         self.pipes: dict[int, int] = {}
+        self.dumps: dict[int, bytearray] = {}  # pid -> its stack dump, once asked for
         self.port = settings.port
 
     def spawn(self, slot: int) -> int:
@@ -111,10 +128,13 @@ class WorkerProcesses:
             raise
         finally:
             os.close(ready_w)
+        os.set_blocking(ready_r, False)
         self.pipes[pid] = ready_r
         return pid
 
     def signal(self, pid: int, sig: signal.Signals) -> None:
+        if sig == DUMP_SIGNAL:  # from now on the worker's pipe carries its stack dump
+            self.dumps.setdefault(pid, bytearray())
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -135,24 +155,63 @@ class WorkerProcesses:
         if sock is not None:
             sock.close()
 
+    def read(self, pid: int) -> bytes | None:
+        """What ``pid`` said since the last read (b"" if nothing, or its dump); None at end of file."""
+        fd = self.pipes.get(pid)
+        if fd is None:
+            return None
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return b""
+        except OSError:
+            data = b""
+        if not data:
+            self.forget(pid)
+            return None
+        dump = self.dumps.get(pid)
+        if dump is None:
+            return data
+        dump += data
+        return b""
+
     def forget(self, pid: int) -> None:
-        """The worker ``pid`` was reaped: close its readiness pipe."""
+        """The worker ``pid`` is gone: log its stack dump if it wrote one, close its pipe."""
         fd = self.pipes.pop(pid, None)
+        dump = self.dumps.pop(pid, None)
         if fd is not None:
+            while dump is not None:  # what it wrote before it died is all there
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                dump += data
             os.close(fd)
+        if dump is not None:
+            # Beats written before the dump signal may lead it; no dump starts with one.
+            text = bytes(dump).lstrip(b".RM").decode("utf-8", "replace")
+            self.log.error("worker_stack_dump", pid=pid, stack=text)
 
 
 class Master:
     """Runs the worker processes until stopped; :meth:`run` returns the exit code."""
 
-    def __init__(self, settings: Settings, *, log: Any, spawn: Spawner = spawn_worker) -> None:
+    def __init__(
+        self, settings: Settings, *, log: Any, spawn: Spawner = spawn_worker, sink: LogSink | None = None
+    ) -> None:
         self.settings = settings
         self.log = log
+        self.sink = sink  # the master's log sink, written by this loop while lines wait
         self.workers = WorkerProcesses(settings, log=log, spawner=spawn)
-        self.supervisor = Supervisor(self.workers, log=log, graceful_timeout=settings.graceful_timeout)
+        self.supervisor = Supervisor(
+            self.workers, log=log, graceful_timeout=settings.graceful_timeout, worker_timeout=settings.worker_timeout
+        )
         self.stop_signalled = False  # set by the signal handler itself: readiness drops first
         self.admin: AdminServer | None = None
         self.metrics_dir: metrics.MultiprocDir | None = None
+        self.log_drops: metrics.LogDrops | None = None
         self._status = MasterStatus(pid=os.getpid())
         self._signals: collections.deque[int] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
@@ -229,29 +288,27 @@ class Master:
         return sup.exit_code
 
     def _wait(self) -> None:
-        """Sleep until a signal, a readiness report, the supervisor's next timer, or 1 s (the heartbeat)."""
+        """Sleep until a signal, a worker's byte, stdout writable for waiting lines, a timer, or MASTER_TURN."""
         deadline = self.supervisor.deadline()
-        timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
-        procs = self.supervisor.procs
-        waiting = {fd: pid for pid, fd in self.workers.pipes.items() if pid in procs and not procs[pid].ready}
+        timeout = MASTER_TURN if deadline is None else min(MASTER_TURN, max(0.0, deadline - time.monotonic()))
+        watched = {fd: pid for pid, fd in self.workers.pipes.items()}
+        sink = self.sink
+        writing = [sink.fd] if sink is not None and sink.pending() else []
         try:
-            ready, _, _ = select.select([self._wake_r, *waiting], [], [], timeout)
+            readable, writable, _ = select.select([self._wake_r, *watched], writing, [], timeout)
         except InterruptedError:
             return
-        for fd in ready:
+        if writable and sink is not None:
+            sink.flush()
+        for fd in readable:
             if fd == self._wake_r:
                 os.read(fd, 512)
             else:
-                self._on_ready_pipe(fd, waiting[fd])
+                self._on_pipe(watched[fd])
 
-    def _on_ready_pipe(self, fd: int, pid: int) -> None:
-        try:
-            data = os.read(fd, 1)
-        except OSError:
-            data = b""
-        if not data:
-            return  # the worker died before it was ready: _reap() handles it
-        if self.supervisor.worker_ready(pid):
+    def _on_pipe(self, pid: int) -> None:
+        data = self.workers.read(pid)
+        if data and self.supervisor.worker_said(pid, data):  # None: it died, _reap() handles it
             workers = len(self.supervisor.slots)
             self.log.info("server_ready", host=self.settings.host, port=self.port, workers=workers)
 
@@ -282,6 +339,7 @@ class Master:
             return True
         self.metrics_dir = metrics.prepare_multiproc_dir(s)  # before any worker imports prometheus-client
         registry = metrics.master_registry(self.metrics_dir, self.status)
+        self.log_drops = metrics.LogDrops("master")
         try:
             self.admin = AdminServer(s.admin_host, s.admin_port, self.status, registry, log=self.log)
         except OSError as exc:
@@ -303,12 +361,18 @@ class Master:
         """Replace the snapshot the admin thread reads (one atomic attribute store)."""
         sup = self.supervisor
         running, ready = sup.counts()
+        dropped = self.sink.dropped_total if self.sink is not None else 0
+        if self.log_drops is not None:
+            self.log_drops.update(dropped)
         self._status = MasterStatus(
             pid=os.getpid(),
             slots=len(sup.slots),
             running=running,
             ready_workers=ready,
             restarts=sup.restarts,
+            recycles=sup.recycles,
+            hung=tuple(sorted(sup.hung.items())),
+            hung_now=sup.hung_now(),
             announced=sup.announced,
             stopping=sup.stopping or self.stop_signalled,
             updated=time.monotonic(),
@@ -333,4 +397,4 @@ def serve_master(settings: Settings) -> int:
     from app import logs  # noqa: PLC0415
 
     logs.configure(settings)
-    return Master(settings, log=logs.get_logger(role="master")).run()
+    return Master(settings, log=logs.get_logger(role="master"), sink=logs.sink()).run()

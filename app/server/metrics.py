@@ -32,6 +32,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from app import logs
 from app.core import zen
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ class WorkerMetrics:
         self.duration = Histogram(
             "zen_connection_duration_seconds", "Connection lifetimes", buckets=DURATION_BUCKETS, registry=None
         )
+        self.log_drops = LogDrops("worker")
         self.lag = Histogram(
             "zen_event_loop_lag_seconds",
             "How late the worker's timer ran: the wait a new question sees before its read is handled",
@@ -211,6 +213,7 @@ class WorkerMetrics:
         for reason, kind in TIMEOUT_REASONS.items():
             self._add(self.timeouts.labels(kind), ("timeout", kind), stats.closes.get(reason, 0))
         self._flush_durations()
+        self.log_drops.update(logs.sink().dropped_total)
         if lag is not None:
             self.lag.observe(max(0.0, lag))
 
@@ -239,6 +242,33 @@ class WorkerMetrics:
         self._duration_sum = 0.0
 
 
+class LogDrops:
+    """The log lines this process dropped (its stdout's reader stalled), as ``zen_logs_dropped_total``.
+
+    A counter in the multiprocess files, labelled by ``process`` (master or
+    worker), so the master's own drops and every worker's, dead ones
+    included, add up in one metric.  Create it only once
+    ``PROMETHEUS_MULTIPROC_DIR`` is set (:func:`prepare_multiproc_dir`).
+    """
+
+    def __init__(self, process: str) -> None:
+        from prometheus_client import Counter  # noqa: PLC0415 - after the env is set
+
+        self._counter = Counter(
+            "zen_logs_dropped",
+            "Log lines dropped because stdout's reader stalled beyond LOG_BUFFER_BYTES",
+            ["process"],
+            registry=None,
+        ).labels(process)
+        self._seen = 0
+
+    def update(self, total: int) -> None:
+        """Add what this process dropped since the last update (``total``: its count so far)."""
+        if total > self._seen:
+            self._counter.inc(total - self._seen)
+            self._seen = total
+
+
 # -- the master side: what the admin listener renders ----------------------------------
 
 
@@ -255,6 +285,10 @@ class MasterView(Protocol):
     def ready_workers(self) -> int: ...
     @property
     def ready(self) -> bool: ...
+    @property
+    def recycles(self) -> int: ...
+    @property
+    def hung(self) -> tuple[tuple[int, int], ...]: ...
 
 
 def master_registry(mdir: MultiprocDir, view: Callable[[], MasterView]) -> CollectorRegistry:
@@ -286,6 +320,11 @@ class _MasterCollector:
 
         v = self._view()
         yield CounterMetricFamily("zen_worker_restarts", "Workers respawned after a crash", value=v.restarts)
+        yield CounterMetricFamily("zen_worker_recycles", "Workers replaced after MAX_REQUESTS", value=v.recycles)
+        hung = CounterMetricFamily("zen_workers_hung", "Workers silent for WORKER_TIMEOUT, killed", labels=["slot"])
+        for slot, count in v.hung:
+            hung.add_metric([str(slot)], count)
+        yield hung
         workers = GaugeMetricFamily("zen_workers", "Worker processes, by state", labels=["state"])
         workers.add_metric(["configured"], v.slots)
         workers.add_metric(["running"], v.running)

@@ -1,10 +1,13 @@
-"""The master's decisions without processes: slots, back-off, crash loops, reloads, scaling, stops.
+"""The master's decisions without processes: slots, back-off, crash loops, reloads, scaling, stops, hangs.
 
 Owns: the slot table (which worker serves each slot, which ones are
 retiring), the respawn schedule (exponential back-off with jitter), the
 crash-loop limit, and what each signal means: the order of a zero-downtime
 reload, adding and removing a slot, the graceful and the immediate stop,
-the SIGKILL deadline.
+the SIGKILL deadline.  And what the workers say on their pipes
+(``app.server.heartbeat``): ready, alive, or asking to be recycled; a
+worker silent for WORKER_TIMEOUT is hung: its stack is dumped, it is
+killed, and its slot respawned like after a crash.
 
 Never: forks, sends a signal, binds, reads the clock or sleeps by itself.
 It acts only through an :class:`Effects` (the master's real processes and
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from app.exits import Exit
+from app.server.heartbeat import DUMP_SIGNAL, READY, RECYCLE
 
 #: A slot that crashes CRASH_LIMIT times within CRASH_WINDOW seconds stops
 #: the master (exit code ``Exit.CRASH_LOOP``): a process manager above
@@ -40,6 +44,18 @@ JITTER: Final = (0.5, 1.0)
 #: After GRACEFUL_TIMEOUT (or an immediate stop) workers get this long to
 #: exit before SIGKILL.
 KILL_GRACE: Final = 5.0
+#: A hung worker gets this long to write its stack dump (and end) before SIGKILL.
+DUMP_GRACE: Final = 1.0
+#: A worker not yet ready beats only once its loop runs: until then it may be
+#: silent this long (at least), the time a fresh interpreter may take to
+#: import everything on a loaded host.
+BOOT_GRACE: Final = 30.0
+#: The longest the master sleeps between two turns (its select() timeout).
+MASTER_TURN: Final = 1.0
+#: A gap between two turns of the master longer than this was a pause of the
+#: whole host (a VM freeze, a stopped container, a swap storm): the workers
+#: stood still as well, so that gap is not counted as their silence.
+HOST_PAUSE: Final = 3.0
 
 #: Returns the current time in seconds (``time.monotonic`` in production).
 Clock = Callable[[], float]
@@ -76,6 +92,7 @@ class Slot:
     current: Proc | None = None
     crashes: collections.deque[float] = field(default_factory=collections.deque)
     respawn_at: float | None = None
+    recycle_after: float = 0.0  # no recycling before (a failed successor backs off)
 
     def count_crash(self, now: float) -> int:
         """Record a crash at ``now``; the number of crashes within CRASH_WINDOW."""
@@ -91,8 +108,11 @@ class Proc:
 
     pid: int
     slot: Slot
+    last_seen: float  # the worker's last sign of life (or its spawn)
     ready: bool = False
     stopping: bool = False
+    hung_at: float | None = None  # when it was declared hung (its stack dump asked for)
+    killed: bool = False  # SIGKILLed as hung
 
 
 class Supervisor:
@@ -108,12 +128,14 @@ class Supervisor:
         *,
         log: Any,
         graceful_timeout: float,
+        worker_timeout: float = 0.0,
         clock: Clock = time.monotonic,
         jitter: Jitter = random.uniform,
     ) -> None:
         self.effects = effects
         self.log = log
         self.graceful_timeout = graceful_timeout
+        self.worker_timeout = worker_timeout  # 0: never declare a worker hung
         self.clock = clock
         self.jitter = jitter
         self.slots: list[Slot] = []
@@ -124,6 +146,9 @@ class Supervisor:
         self.exit_code: int = Exit.OK
         self.announced = False  # every slot was ready once (server_ready)
         self.restarts = 0  # crashed workers respawned
+        self.recycles = 0  # workers replaced after MAX_REQUESTS
+        self.hung: dict[int, int] = {}  # slot -> workers declared hung there
+        self._last_turn = clock()
 
     @property
     def done(self) -> bool:
@@ -142,16 +167,27 @@ class Supervisor:
         current = [sl.current for sl in self.slots if sl.current is not None]
         return len(current), sum(1 for p in current if p.ready)
 
+    def hung_now(self) -> int:
+        """Workers declared hung and not reaped yet."""
+        return sum(1 for p in self.procs.values() if p.hung_at is not None)
+
     # -- time ----------------------------------------------------------------------
 
     def deadline(self) -> float | None:
-        """When :meth:`tick` next has something to do (a respawn or SIGKILL), or None."""
+        """When :meth:`tick` next has something to do (a respawn, a SIGKILL, a silence), or None."""
         timers = [t for t in (self.kill_at, *(sl.respawn_at for sl in self.slots)) if t is not None]
+        if self.worker_timeout:
+            timers.extend(self._silence_deadline(p) for p in self.procs.values() if not p.killed)
         return min(timers) if timers else None
 
     def tick(self) -> None:
-        """Respawn the slots whose back-off is over; SIGKILL every worker past the kill deadline."""
+        """Respawn the slots whose back-off is over; SIGKILL every worker past the kill deadline.
+
+        And declare hung every worker silent for WORKER_TIMEOUT (the master
+        calls this once per turn, at least every :data:`MASTER_TURN`).
+        """
         now = self.clock()
+        self._watch_silences(now)
         for slot in self.slots:
             if slot.respawn_at is not None and now >= slot.respawn_at and not self.stopping:
                 slot.respawn_at = None
@@ -233,12 +269,41 @@ class Supervisor:
 
     # -- workers -------------------------------------------------------------------
 
+    def worker_said(self, pid: int, data: bytes) -> bool:
+        """``pid`` wrote ``data`` on its pipe: alive, maybe ready, maybe asking to be recycled.
+
+        True when that makes every slot ready for the first time (``server_ready``).
+        """
+        proc = self.procs.get(pid)
+        if proc is None or proc.hung_at is not None:  # a hung worker's bytes are its stack dump
+            return False
+        proc.last_seen = self.clock()
+        announce = READY in data and self.worker_ready(pid)
+        if RECYCLE in data:
+            self.worker_recycle(pid)
+        return announce
+
+    def worker_recycle(self, pid: int) -> None:
+        """``pid`` answered its MAX_REQUESTS: a successor on its slot, through the reload path."""
+        proc = self.procs.get(pid)
+        if proc is None or self.stopping or proc.stopping or not proc.ready:
+            return
+        slot = proc.slot
+        if slot.current is not proc or slot not in self.slots or self.clock() < slot.recycle_after:
+            return
+        if any(p.slot is slot and p is not proc and not p.stopping for p in self.procs.values()):
+            return  # a successor is on its way (the worker repeats its request every beat)
+        self.recycles += 1
+        self.log.info("worker_recycling", slot=slot.index, pid=pid)
+        self._spawn(slot, replace=True)
+
     def worker_ready(self, pid: int) -> bool:
         """``pid`` reported ready; True when that makes every slot ready for the first time."""
         proc = self.procs.get(pid)
         if proc is None:
             return False
         proc.ready = True
+        proc.last_seen = self.clock()
         slot = proc.slot
         old = slot.current
         if old is not proc:  # a reload: the new worker takes over, the old one drains
@@ -265,6 +330,7 @@ class Supervisor:
             return
         if slot.current is not proc:  # a reload's new worker died before taking over
             self.log.error("reload_failed", slot=slot.index, pid=proc.pid, code=code)
+            slot.recycle_after = self.clock() + RESPAWN_CAP  # a broken release: no successor every beat
             return
         slot.current = None
         if not proc.ready and code in (Exit.BOOT_FAILED, Exit.CONFIG):
@@ -297,7 +363,7 @@ class Supervisor:
             if not replace:
                 self._crashed(slot)
             return
-        proc = Proc(pid, slot)
+        proc = Proc(pid, slot, last_seen=self.clock())
         self.procs[pid] = proc
         if not replace:
             slot.current = proc
@@ -313,3 +379,37 @@ class Supervisor:
         delay = respawn_delay(crashes, self.jitter(*JITTER))
         slot.respawn_at = now + delay
         self.log.warning("worker_respawn_scheduled", slot=slot.index, delay=round(delay, 3), crashes=crashes)
+
+    # -- silences: hung workers ----------------------------------------------------------
+
+    def _silence_deadline(self, proc: Proc) -> float:
+        if proc.hung_at is not None:
+            return proc.hung_at + DUMP_GRACE
+        limit = self.worker_timeout if proc.ready else max(self.worker_timeout, BOOT_GRACE)
+        return proc.last_seen + limit
+
+    def _watch_silences(self, now: float) -> None:
+        gap, self._last_turn = now - self._last_turn, now
+        if not self.worker_timeout:
+            return
+        for proc in list(self.procs.values()):
+            if gap > HOST_PAUSE:  # the host stood still, the workers too
+                proc.last_seen += gap
+            if proc.killed or now < self._silence_deadline(proc):
+                continue
+            if proc.hung_at is None:
+                self._declare_hung(proc, now)
+            else:
+                proc.killed = True
+                self.log.warning("worker_killed", pid=proc.pid, slot=proc.slot.index, reason="hung")
+                self.effects.signal(proc.pid, signal.SIGKILL)
+
+    def _declare_hung(self, proc: Proc, now: float) -> None:
+        """Ask for the stack dump (which ends the worker); SIGKILL follows after DUMP_GRACE."""
+        slot = proc.slot.index
+        proc.hung_at = now
+        self.hung[slot] = self.hung.get(slot, 0) + 1
+        silent = round(now - proc.last_seen, 3)
+        self.log.error("worker_hung", slot=slot, pid=proc.pid, silent=silent, timeout=self.worker_timeout)
+        self.effects.signal(proc.pid, DUMP_SIGNAL)
+        self.effects.signal(proc.pid, signal.SIGCONT)  # a stopped worker must run to dump (and then ends)

@@ -32,6 +32,7 @@ from app.core.protocol import QuestionReader
 from app.exits import Exit
 from app.server import listener
 from app.server.connection import LINGER_MAX, LINGER_QUIET, OVER_CAPACITY, Connection, ProxiedConnection
+from app.server.heartbeat import Heartbeat
 
 if TYPE_CHECKING:
     from app.server.metrics import WorkerMetrics
@@ -495,11 +496,8 @@ def serve_worker_process(settings: Settings, *, fd: int, slot: int, ready_fd: in
         log.warning("parent_died", parent=parent_pid)
         return Exit.OK
     sock = socket.socket(fileno=fd)
-
-    def ready() -> None:
-        os.write(ready_fd, b"R")
-        os.close(ready_fd)
-
+    beat = Heartbeat.from_settings(settings, ready_fd)  # R once ready, then beats until the process ends
+    ready = beat.start
     conn_log = logs.HotLogger(settings, worker=slot, pid=os.getpid())
     metrics = None
     if settings.admin_port:
@@ -507,6 +505,7 @@ def serve_worker_process(settings: Settings, *, fd: int, slot: int, ready_fd: in
 
         metrics = WorkerMetrics(settings)
     worker = Worker(settings, sock, log=log, conn_log=conn_log, on_ready=ready, parent_pid=parent_pid, metrics=metrics)
+    beat.answered = lambda: worker.stats.answered + sum(c.answered for c in worker.conns)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

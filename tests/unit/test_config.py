@@ -73,6 +73,10 @@ def test_dotenv_file_is_honoured_and_env_wins(monkeypatch: pytest.MonkeyPatch, t
         ("LOG_FORMAT", "xml"),
         ("MAX_REQUEST_BYTES", "0"),
         ("BACKLOG", "x"),
+        ("WORKER_TIMEOUT", "1"),
+        ("WORKER_TIMEOUT", "-5"),
+        ("MAX_REQUESTS", "-1"),
+        ("MAX_REQUESTS_JITTER", "x"),
     ],
 )
 def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -81,6 +85,14 @@ def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name:
         load()
     assert f"invalid {name}={value!r}" in str(info.value)
     assert "accepts:" in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("0", 0.0), ("2", 2.0), ("30", 30.0), ("3600", 3600.0)])
+def test_worker_timeout_is_off_or_at_least_two_seconds(
+    monkeypatch: pytest.MonkeyPatch, value: str, seconds: float
+) -> None:
+    monkeypatch.setenv("WORKER_TIMEOUT", value)
+    assert load().worker_timeout == seconds
 
 
 def test_all_errors_at_once(monkeypatch: pytest.MonkeyPatch) -> None:

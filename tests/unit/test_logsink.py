@@ -7,6 +7,8 @@ import fcntl
 import json
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -131,3 +133,34 @@ def test_a_reader_gone_is_not_an_error(pipe: tuple[int, int]) -> None:
     sink.write(line(1))
     assert not sink.pending()
     os.close(w)
+
+
+def test_drain_waits_for_a_slow_reader_within_its_bound(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    sink = LogSink(w, limit=1 << 20)
+    lines = [b'{"n":%d}\n' % i for i in range(2000)]
+    for data in lines:
+        sink.write(data)
+    assert sink.pending()
+    received = bytearray()
+
+    def trickle() -> None:
+        while len(received) < len(b"".join(lines)):
+            received.extend(drain(r))
+            time.sleep(0.005)
+
+    reader = threading.Thread(target=trickle)
+    reader.start()
+    assert sink.drain(10.0)
+    reader.join(10)
+    assert [int(line[5:-1]) for line in bytes(received).splitlines()] == list(range(2000))
+
+
+def test_drain_gives_up_at_its_bound_with_nobody_reading(pipe: tuple[int, int]) -> None:
+    _, w = pipe
+    sink = LogSink(w, limit=1 << 20)
+    while not sink.pending():
+        sink.write(b"x" * 100 + b"\n")
+    started = time.monotonic()
+    assert not sink.drain(0.2)
+    assert 0.15 < time.monotonic() - started < 2

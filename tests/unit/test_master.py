@@ -14,19 +14,27 @@ import os
 import random
 import signal
 import socket
-from typing import Any
+import time
+from typing import Any, cast
 
+import orjson
 import pytest
 
 from app.config import Settings
 from app.exits import Exit
+from app.server.admin import AdminServer, MasterStatus
+from app.server.heartbeat import BEAT, READY, RECYCLE
 from app.server.listener import bind_slots
 from app.server.master import Master, WorkerProcesses
 from app.server.supervision import (
+    BOOT_GRACE,
     CRASH_LIMIT,
     CRASH_WINDOW,
+    DUMP_GRACE,
+    HOST_PAUSE,
     JITTER,
     KILL_GRACE,
+    MASTER_TURN,
     RESPAWN_CAP,
     RESPAWN_FIRST,
     Jitter,
@@ -108,11 +116,18 @@ class FakeSpawner:
 class World:
     """A supervisor over fakes, with the helpers a test drives its fake workers by."""
 
-    def __init__(self, workers: int = 2, jitter: Jitter = max) -> None:
+    def __init__(self, workers: int = 2, jitter: Jitter = max, worker_timeout: float = 0.0) -> None:
         self.clock = FakeClock()
         self.log = FakeLog()
         self.fake = FakeSpawner()
-        self.sup = Supervisor(self.fake, log=self.log, graceful_timeout=GRACEFUL, clock=self.clock, jitter=jitter)
+        self.sup = Supervisor(
+            self.fake,
+            log=self.log,
+            graceful_timeout=GRACEFUL,
+            worker_timeout=worker_timeout,
+            clock=self.clock,
+            jitter=jitter,
+        )
         self.sup.start(workers)
 
     def current(self, slot: int) -> int:
@@ -525,6 +540,206 @@ def test_signal_numbers_map_to_their_actions() -> None:
     assert not w.sup.stopping
 
 
+# -- hung workers: silence, stack dump, SIGKILL, respawn ----------------------------------------
+
+TIMEOUT = 5.0
+
+
+def beat_for(w: World, seconds: float, pids: list[int]) -> None:
+    """Let ``seconds`` pass in master turns, ``pids`` beating every turn, the others silent."""
+    end = w.clock.now + seconds
+    while w.clock.now < end:
+        w.clock.now = min(end, w.clock.now + MASTER_TURN)
+        for pid in pids:
+            w.sup.worker_said(pid, BEAT)
+        w.sup.tick()
+
+
+def test_a_silent_worker_is_dumped_then_killed_and_respawned_on_its_slot_as_a_crash() -> None:
+    w = World(workers=2, worker_timeout=TIMEOUT)
+    w.ready_all()
+    silent, alive = w.current(0), w.current(1)
+    w.fake.take()
+    beat_for(w, TIMEOUT - 1, [alive])
+    assert w.fake.take() == []
+    assert w.sup.deadline() == w.clock.now + 1  # the silent one's: the master wakes for it
+    beat_for(w, 1, [alive])
+    assert w.fake.take() == [("signal", silent, "SIGUSR1"), ("signal", silent, "SIGCONT")]
+    assert w.log.named("worker_hung") == [{"slot": 0, "pid": silent, "silent": TIMEOUT, "timeout": TIMEOUT}]
+    assert w.sup.hung == {0: 1}
+    assert w.sup.hung_now() == 1
+    w.sup.worker_said(silent, b"Stack (most recent call first)")  # its dump does not revive it
+    assert w.sup.deadline() == w.clock.now + DUMP_GRACE
+    w.respawn_now()
+    assert w.fake.take() == [("signal", silent, "SIGKILL")]
+    assert w.log.named("worker_killed") == [{"pid": silent, "slot": 0, "reason": "hung"}]
+    w.sup.tick()
+    assert w.fake.take() == []  # killed once
+    w.sup.worker_exited(silent, KILLED)
+    assert w.sup.slots[0].crashes  # counted like a crash
+    w.respawn_now()
+    assert w.fake.take() == [("spawn", 0, 102)]  # the same slot: the same socket and its backlog
+    assert w.sup.hung_now() == 0
+    assert w.current(1) == alive  # the busy one is left alone
+
+
+def test_a_worker_ending_with_its_dump_is_not_killed_again() -> None:
+    w = World(workers=1, worker_timeout=TIMEOUT)
+    w.ready_all()
+    pid = w.current(0)
+    beat_for(w, TIMEOUT, [])
+    assert w.fake.take()[-2:] == [("signal", pid, "SIGUSR1"), ("signal", pid, "SIGCONT")]
+    w.sup.worker_exited(pid, -signal.SIGUSR1)  # the dump's chained default action
+    w.respawn_now()
+    assert w.fake.take() == [("spawn", 0, 101)]
+    assert not w.fake.signalled("SIGKILL")
+
+
+def test_a_beating_worker_is_never_hung_and_a_late_one_is_only_just_in_time() -> None:
+    w = World(workers=1, worker_timeout=TIMEOUT)
+    w.ready_all()
+    pid = w.current(0)
+    beat_for(w, 600, [pid])
+    beat_for(w, TIMEOUT - 0.001, [])  # the loop late by almost the whole timeout
+    w.sup.worker_said(pid, BEAT)
+    beat_for(w, TIMEOUT - 0.001, [])
+    assert not w.log.named("worker_hung")
+    assert w.fake.signalled("SIGUSR1") == []
+    beat_for(w, 0.001, [])
+    assert w.fake.signalled("SIGUSR1") == [pid]
+
+
+def test_worker_timeout_zero_never_declares_a_worker_hung() -> None:
+    w = World(workers=1, worker_timeout=0)
+    w.ready_all()
+    w.clock.now += 3600
+    assert w.sup.deadline() is None
+    w.sup.tick()
+    assert not w.log.named("worker_hung")
+
+
+def test_a_booting_worker_gets_the_boot_grace_before_it_beats() -> None:
+    w = World(workers=1, worker_timeout=TIMEOUT)
+    pid = w.current(0)
+    assert w.sup.deadline() == w.clock.now + BOOT_GRACE
+    beat_for(w, BOOT_GRACE - 1, [])
+    assert not w.log.named("worker_hung")
+    beat_for(w, 1, [])
+    assert w.log.named("worker_hung")[0]["pid"] == pid
+
+
+def test_a_pause_of_the_whole_host_is_not_the_workers_silence() -> None:
+    w = World(workers=2, worker_timeout=TIMEOUT)
+    w.ready_all()
+    w.sup.tick()
+    w.clock.now += HOST_PAUSE + 10 * TIMEOUT  # the master itself did not run: a VM froze
+    w.sup.tick()
+    assert not w.log.named("worker_hung")
+    beat_for(w, TIMEOUT, [])  # but silence after that counts
+    assert len(w.log.named("worker_hung")) == 2
+
+
+def test_hung_workers_count_toward_the_crash_loop_limit() -> None:
+    w = World(workers=1, worker_timeout=TIMEOUT)
+    for _ in range(CRASH_LIMIT):
+        pid = w.current(0)
+        w.sup.worker_said(pid, READY)
+        beat_for(w, TIMEOUT, [])
+        w.sup.worker_exited(pid, -signal.SIGUSR1)
+        if not w.sup.stopping:
+            w.respawn_now()
+    assert w.sup.hung == {0: CRASH_LIMIT}
+    assert w.log.named("crash_loop")
+    assert w.sup.exit_code == Exit.CRASH_LOOP
+
+
+def test_a_draining_worker_that_hangs_is_killed_and_not_replaced_twice() -> None:
+    w = World(workers=1, worker_timeout=TIMEOUT)
+    w.ready_all()
+    old = w.current(0)
+    w.sup.handle_hup()
+    new = w.fake.spawned()[-1]
+    w.sup.worker_said(new, READY)  # old is told to drain
+    w.fake.take()
+    beat_for(w, TIMEOUT, [new])
+    assert w.fake.take() == [("signal", old, "SIGUSR1"), ("signal", old, "SIGCONT")]
+    w.sup.worker_exited(old, -signal.SIGUSR1)
+    assert w.sup.deadline() is not None  # only the new one's silence deadline: nothing respawned
+    assert w.fake.take() == []
+    assert w.current(0) == new
+
+
+def test_readiness_is_read_from_what_the_worker_says() -> None:
+    w = World(workers=2)
+    a, b = w.current(0), w.current(1)
+    assert w.sup.worker_said(a, READY + BEAT) is False
+    assert w.sup.worker_said(b, BEAT) is False  # a beat is not readiness
+    assert w.sup.worker_said(b, READY) is True  # every slot ready: announce, once
+    assert w.sup.worker_said(a, BEAT * 3) is False
+    assert w.sup.worker_said(999, READY) is False  # unknown (reaped) pid
+
+
+# -- recycling: MAX_REQUESTS ----------------------------------------------------------------------
+
+
+def test_a_recycle_request_replaces_only_that_slot_through_the_reload_path() -> None:
+    w = World(workers=2)
+    w.ready_all()
+    old, other = w.current(0), w.current(1)
+    w.fake.take()
+    w.sup.worker_said(old, RECYCLE)
+    assert w.fake.take() == [("spawn", 0, 102)]  # the successor, on slot 0's socket
+    assert w.log.named("worker_recycling") == [{"slot": 0, "pid": old}]
+    assert w.current(0) == old  # the old one serves until its successor is ready
+    w.sup.worker_said(old, RECYCLE)  # repeated every beat: one successor only
+    assert w.fake.take() == []
+    w.sup.worker_said(102, READY)
+    assert w.fake.take() == [("signal", old, "SIGTERM")]  # then it drains
+    w.sup.worker_exited(old, 0)
+    assert w.log.named("worker_exited")[-1]["expected"] is True
+    assert w.sup.recycles == 1
+    assert w.current(0) == 102
+    assert w.current(1) == other
+    assert w.sup.deadline() is None
+    assert w.sup.counts() == (2, 2)
+
+
+def test_no_recycle_while_stopping_or_from_a_worker_not_serving_its_slot() -> None:
+    w = World(workers=1)
+    pid = w.current(0)
+    w.sup.worker_said(pid, RECYCLE)  # not ready yet
+    w.sup.worker_said(pid, READY)
+    w.sup.handle_hup()
+    successor = w.fake.spawned()[-1]
+    w.fake.take()
+    w.sup.worker_said(pid, RECYCLE)  # a reload's successor is already on its way
+    w.sup.worker_said(successor, READY)
+    w.sup.worker_said(pid, RECYCLE)  # draining
+    w.fake.take()
+    w.sup.handle_term("SIGTERM")
+    w.fake.take()
+    w.sup.worker_said(successor, RECYCLE)  # stopping
+    assert w.fake.take() == []
+    assert w.sup.recycles == 0
+
+
+def test_a_failed_successor_backs_the_recycling_of_its_slot_off() -> None:
+    w = World(workers=1)
+    w.ready_all()
+    old = w.current(0)
+    w.sup.worker_said(old, RECYCLE)
+    w.sup.worker_exited(w.fake.spawned()[-1], Exit.BOOT_FAILED)
+    assert w.log.named("reload_failed")
+    w.fake.take()
+    w.clock.now += RESPAWN_CAP - 1
+    w.sup.worker_said(old, RECYCLE)
+    assert w.fake.take() == []  # not a new successor every beat for a broken release
+    w.clock.now += 1
+    w.sup.worker_said(old, RECYCLE)
+    assert w.fake.spawned() == [102]
+    assert w.current(0) == old
+
+
 # -- the I/O shell with a fake spawner callable ------------------------------------------------------
 
 
@@ -536,7 +751,7 @@ class FakeWorkerLauncher:
 
     def __call__(self, settings: Settings, sock: socket.socket, slot: int, ready_w: int, parent_pid: int) -> int:
         self.calls.append((sock.fileno(), slot, parent_pid))
-        os.write(ready_w, b"1")
+        os.write(ready_w, READY)
         return 5000 + slot
 
 
@@ -549,7 +764,7 @@ def test_worker_processes_give_each_slot_its_socket_and_a_ready_pipe() -> None:
     try:
         assert procs.spawn(1) == 5001
         assert launcher.calls == [(socks[1].fileno(), 1, os.getpid())]
-        assert os.read(procs.pipes[5001], 1) == b"1"
+        assert os.read(procs.pipes[5001], 1) == READY
         assert procs.open_slot(2)
         assert procs.socks[2].getsockname()[1] == procs.port  # same reuseport group
         procs.close_slot(2)
@@ -582,3 +797,21 @@ def test_master_reads_readiness_from_the_pipes_and_announces() -> None:
             master.workers.forget(pid)
         for sock in socks:
             sock.close()
+
+
+def test_the_status_shows_hung_workers_and_health_fails_while_one_is() -> None:
+    now = time.monotonic()
+    hung = MasterStatus(pid=1, slots=2, running=2, announced=True, hung=((0, 1),), hung_now=1, updated=now)
+    assert not hung.live  # /healthz: 503 until the successor runs
+    assert hung.ready  # /readyz: its socket's queue waits for the successor
+    assert MasterStatus(pid=1, slots=2, running=2, hung=((0, 1),), updated=now).live
+    code, _, body = AdminServer.answer(cast("AdminServer", StatusOnly(hung)), "/healthz")
+    assert code == 503
+    assert orjson.loads(body)["hung"] == {"now": 1, "by_slot": {"0": 1}}
+
+
+class StatusOnly:
+    """What AdminServer.answer reads of its server for /healthz and /readyz."""
+
+    def __init__(self, status: MasterStatus) -> None:
+        self.status = lambda: status
