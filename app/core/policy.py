@@ -155,8 +155,11 @@ def overdue(
     close's start while lingering); ``active``: the last progress (answers,
     or bytes of a question); ``last_rx``: the last byte received at all.  A
     connection whose answers wait on a client that does not read
-    (``paused``) is not blamed for the question it cannot finish; a close
-    that does not complete is dropped after ``idle_timeout``.
+    (``paused``) is not blamed for the question it cannot finish, but it
+    still has ``idle_timeout`` from its last progress (so a client that
+    neither reads nor sends cannot hold it for ever); the idle clock also
+    applies while a question runs, in case ``idle_timeout`` is the shorter;
+    a close that does not complete is dropped after ``idle_timeout``.
     """
     if lingering:
         assert started_at is not None
@@ -214,9 +217,12 @@ class Conversation:
             assert self.started_at is not None
             quiet = self.last_rx + limits.linger_quiet
             return min(quiet, self.started_at + limits.linger_max), CloseReason.TOO_LONG
+        idle = self.active + limits.idle_timeout
         if self.started_at is not None:
-            return self.started_at + limits.request_timeout, CloseReason.REQUEST_TIMEOUT
-        return self.active + limits.idle_timeout, CloseReason.IDLE_TIMEOUT
+            request = self.started_at + limits.request_timeout
+            if request <= idle:  # (the usual case: request_timeout is the shorter)
+                return request, CloseReason.REQUEST_TIMEOUT
+        return idle, CloseReason.IDLE_TIMEOUT
 
     def overdue(self, now: float, *, paused: bool = False) -> CloseReason | None:
         """The reason to close at ``now``, or None (the same rule as the production sweep).

@@ -10,7 +10,6 @@ Never: reimplements anything of the production server.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from typing import Any
 
@@ -26,16 +25,11 @@ def serve(settings: Settings, *, name: str, percore: bool = False, **_options: A
         return serve_master(settings)
     import uvloop  # noqa: PLC0415
 
-    from app import logs  # noqa: PLC0415
-    from app.server.worker import Worker  # noqa: PLC0415
+    from app.server.worker import build_worker  # noqa: PLC0415
 
     listener = open_listener(settings, blocking=False)
-    log = logs.get_logger(worker=0, pid=os.getpid())
-    # The close line per connection through the same batched logger as a production worker's.
-    conn_log = logs.HotLogger(settings, worker=0, pid=os.getpid())
-    worker = Worker(
-        settings, listener, log=log, conn_log=conn_log, on_ready=lambda: announce_ready(name, listener, settings)
-    )
+    # Built as a production worker is: the same event and close-line loggers.
+    worker = build_worker(settings, listener, slot=0, on_ready=lambda: announce_ready(name, listener, settings))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

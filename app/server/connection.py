@@ -1,13 +1,20 @@
 """The I/O shell of one client connection, over the sans-I/O protocol core.
 
 Owns: one connection's bytes in and out (``protocol.QuestionReader`` in,
-``zen`` answers out), its per-connection state (the request and idle clocks
-the worker's sweep reads, backpressure, the lingering close after "request
-too long") and, with ``PROXY_PROTOCOL`` on, the PROXY header stage.
+``zen`` answers out), its per-connection state (the request and idle clocks,
+kept by ``policy.progress``; backpressure; the lingering close after
+"request too long"), its deadlines (:meth:`Connection.overdue` applies
+``policy.overdue`` to its clocks, :meth:`Connection.time_out` closes it),
+with ``PROXY_PROTOCOL`` on the PROXY header stage, and the interface to its
+worker: :class:`ConnectionHost` (told when the connection opens and
+closes) and :class:`ConnectionContext` (what every connection of a worker
+reads, built once).
 
-Never: accepts, logs, or keeps timers; the worker (``worker.Worker``) does,
+Never: accepts, logs, or keeps timers: the worker (``worker.Worker``)
+does, and its periodic sweep asks each connection whether it is overdue,
 so that a connection costs no timer handle and no per-request call outside
-this module.
+this module.  It writes no attribute of its worker: it counts into
+``stats.Stats`` (the counters named there as its own) and calls the host.
 
 Memory: an idle connection is mostly uvloop's transport (about 1.2 KiB);
 ours is one object of plain slots.  The peer is not kept: the close line
@@ -21,26 +28,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from app.core import proxy, zen
+from app.core.policy import CloseReason, Limits, Next, after, overdue, progress
 from app.core.protocol import LONE_QUESTION, QuestionReader, printable
 
 if TYPE_CHECKING:
-    from app.server.worker import Worker
+    from app.config import Settings
+    from app.server.stats import Stats
 
 #: Answers written per batch before checking backpressure again; a batch of
 #: unknown-aphorism errors is at most 256 * 24 = 6 KiB.
 ANSWER_BATCH: Final = 256
-#: After "request too long" the answer must survive although the client may
-#: still be sending: closing with unread input makes Linux send a reset that
-#: destroys it.  So: answer, shut down our side, discard input until EOF,
-#: a quiet second, or LINGER_MAX (nginx's lingering close).
-LINGER_QUIET: Final = 1.0
-TOO_LONG: Final = "too_long"
-#: The close reason of a connection accepted beyond MAX_CONNECTIONS (the worker never tracked it).
-OVER_CAPACITY: Final = "over_capacity"
-LINGER_MAX: Final = 5.0
+
+# The close reasons, bound once: an enum member is a slower lookup than a
+# module global, and some of these are read once per connection.
+_EOF: Final = CloseReason.EOF
+_RESET: Final = CloseReason.RESET
+_TOO_LONG: Final = CloseReason.TOO_LONG
+_OVER_CAPACITY: Final = CloseReason.OVER_CAPACITY
 
 _monotonic = time.monotonic
 _lone_question = LONE_QUESTION.fullmatch
@@ -56,6 +65,69 @@ def format_peer(peer: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class ConnectionHost(Protocol):
+    """What a connection tells its worker: that it opened (may it stay?) and that it closed."""
+
+    def connection_made(self, conn: Connection) -> bool:
+        """Track ``conn``; False if it is over the cap (it then closes, reason OVER_CAPACITY)."""
+        ...
+
+    def connection_lost(self, conn: Connection, reason: CloseReason, fields: dict[str, Any]) -> None:
+        """``conn`` closed for ``reason``; ``fields``: the extra fields of its close line."""
+        ...
+
+
+class SpareReader:
+    """The reader a worker lends to its connections that hold none (see the module's "Memory")."""
+
+    __slots__ = ("max_question", "reader")
+
+    def __init__(self, max_question: int) -> None:
+        self.max_question = max_question
+        self.reader = QuestionReader(max_question)
+
+    def take(self) -> QuestionReader:
+        """The spare, for a connection that must keep it; a new one becomes the spare."""
+        reader = self.reader
+        self.reader = QuestionReader(self.max_question)
+        return reader
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionContext:
+    """What every connection of one worker reads: built once per worker, never changed.
+
+    A connection holds this one reference (one slot), not its worker.
+    """
+
+    host: ConnectionHost
+    #: zen.answers, or metrics' counting variant.
+    answers: Callable[[list[bytes]], bytes]
+    max_question: int
+    #: (high, low) water marks of a connection's unsent answers: reading pauses above high, resumes below low.
+    write_limits: tuple[int, int]
+    spare: SpareReader
+    stats: Stats
+    proxy_versions: frozenset[int]
+    proxy_trusted: proxy.Networks
+
+    @classmethod
+    def build(
+        cls, settings: Settings, host: ConnectionHost, stats: Stats, answers: Callable[[list[bytes]], bytes]
+    ) -> ConnectionContext:
+        """The context of ``host``'s connections under ``settings``."""
+        return cls(
+            host=host,
+            answers=answers,
+            max_question=settings.max_request_bytes,
+            write_limits=(settings.max_unsent_bytes, settings.max_unsent_bytes // 4),
+            spare=SpareReader(settings.max_request_bytes),
+            stats=stats,
+            proxy_versions=proxy.MODES[settings.proxy_protocol],
+            proxy_trusted=proxy.parse_networks(settings.proxy_trusted),
+        )
+
+
 class Connection(asyncio.Protocol):
     """The I/O shell of one client connection."""
 
@@ -65,17 +137,17 @@ class Connection(asyncio.Protocol):
         "bytes_in",
         "bytes_out",
         "closing",
+        "ctx",
         "last_rx",
         "opened",
         "paused",
         "reader",
         "started_at",
         "transport",
-        "worker",
     )
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    def __init__(self, ctx: ConnectionContext) -> None:
+        self.ctx = ctx
         self.transport: Any = None
         self.reader: QuestionReader | None = None  # see the module's "Memory"
         self.answered = self.bytes_in = self.bytes_out = 0
@@ -86,14 +158,15 @@ class Connection(asyncio.Protocol):
         self.active = self.opened
         self.started_at: float | None = None  # when the unfinished question began
         self.paused = False
-        self.closing: str | None = None  # None while open, then why it closes
+        self.closing: CloseReason | None = None  # None while open, then why it closes
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        high, low = self.worker.write_limits
+        ctx = self.ctx
+        high, low = ctx.write_limits
         transport.set_write_buffer_limits(high, low)
-        if not self.worker.connection_made(self):
-            self.closing = OVER_CAPACITY
+        if not ctx.host.connection_made(self):
+            self.closing = _OVER_CAPACITY
             transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -101,9 +174,12 @@ class Connection(asyncio.Protocol):
         self.last_rx = now = _monotonic()
         if self.closing:
             return  # lingering: discard
-        if self.reader is None and _lone_question(data) and len(data) <= self.worker.max_question and not self.paused:
-            # The usual read: one whole question, and nothing held (see protocol.LONE_QUESTION).
-            out = self.worker.answers([data])
+        if self.reader is None and _lone_question(data) and len(data) <= self.ctx.max_question and not self.paused:
+            # The usual read: one whole question, and nothing held (see
+            # protocol.LONE_QUESTION).  Its clocks are set inline (what
+            # policy.progress gives for an answer and nothing left): this is
+            # the hot path, and inline is one call fewer per request.
+            out = self.ctx.answers([data])
             self.transport.write(out)
             self.bytes_out += len(out)
             self.answered += 1
@@ -112,11 +188,12 @@ class Connection(asyncio.Protocol):
             return
         self._answer(data)
 
-    def _answer(self, data: bytes = b"") -> None:  # noqa: C901 - the hot path in one piece: a call is ~3 % of a request
+    def _answer(self, data: bytes = b"") -> None:
         """Answer what is complete (after taking ``data`` in), then act on the reader's state."""
-        reader = self.reader or self.worker.spare_reader
+        ctx = self.ctx
+        reader = self.reader or ctx.spare.reader
         write = self.transport.write
-        answers = self.worker.answers
+        answers = ctx.answers
         answered = 0
         if data:
             questions = reader.feed(data, ANSWER_BATCH)
@@ -134,35 +211,30 @@ class Connection(asyncio.Protocol):
         done = reader.eof or reader.too_long
         if partial or done:
             if self.reader is None:  # keep what the spare now holds
-                self.reader = self.worker.take_spare_reader()
+                self.reader = ctx.spare.take()
         elif self.reader is not None:
             self.reader = None  # it holds nothing: the spare serves next time
-        if answered:
-            self.answered += answered
-            self.active = self.last_rx
-            # A question left unfinished began in this data.
-            self.started_at = self.last_rx if partial else None
-        elif partial:
-            self.active = self.last_rx
-            if self.started_at is None:
-                self.started_at = self.last_rx
+        self.answered += answered
+        if answered or partial:  # progress: answers, or bytes of a question
+            now = self.active = self.last_rx
+            self.started_at = progress(now, answered, partial, self.started_at)
         if done and not self.paused:
             self._finish(reader)
 
     def _finish(self, reader: QuestionReader) -> None:
         """After the last answer: "too long" and a lingering close, or the end of stream."""
-        if reader.too_long:
+        if after(reader) is Next.LINGER:
             self.transport.write(zen.TOO_LONG)
             self.bytes_out += len(zen.TOO_LONG)
-            self._linger(TOO_LONG)
+            self._linger()
         else:
-            self.close("eof")
+            self.close(_EOF)
 
     def eof_received(self) -> bool:
-        if self.closing == TOO_LONG:  # lingering
+        if self.closing is _TOO_LONG:  # lingering
             return False  # the client is done: close now
         if self.reader is None:  # nothing held, so nothing left to answer
-            self.close("eof")
+            self.close(_EOF)
             return True
         self.reader.receive_data(b"")
         self._answer()
@@ -170,7 +242,7 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        self.worker.stats.backpressure_pauses += 1
+        self.ctx.stats.backpressure_pauses += 1
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
@@ -184,20 +256,20 @@ class Connection(asyncio.Protocol):
         if not self.paused and not self.closing:
             self.transport.resume_reading()
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: CloseReason) -> None:
         """Close after the queued answers are sent."""
         if not self.closing:
             self.closing = reason
             self.last_rx = _monotonic()
             self.transport.close()
 
-    def _linger(self, reason: str) -> None:
-        """Send what is queued and a FIN, then discard input until the client is done."""
-        self.closing = reason
+    def _linger(self) -> None:
+        """Send what is queued and a FIN, then discard input until the client is done (policy.LINGER_QUIET)."""
+        self.closing = _TOO_LONG
         self.started_at = self.last_rx = _monotonic()  # now the lingering clock
         self.transport.write_eof()
 
-    def expire(self, reason: str) -> None:
+    def expire(self, reason: CloseReason) -> None:
         """Close for a timeout: politely if nothing is unsent, else at once."""
         if self.transport.get_write_buffer_size() == 0:
             self.close(reason)
@@ -207,22 +279,54 @@ class Connection(asyncio.Protocol):
     @property
     def lingering(self) -> bool:
         """True in the lingering close after "request too long" (its clock: :attr:`started_at`)."""
-        return self.closing == TOO_LONG
+        return self.closing is _TOO_LONG
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: CloseReason) -> None:
         """Close now, dropping unsent answers."""
         if not self.closing:
             self.closing = reason
         self.transport.abort()
 
+    # -- deadlines (asked by the worker's sweep) ----------------------------------
+
+    def overdue(self, now: float, limits: Limits) -> CloseReason | None:
+        """The reason to close this connection at ``now`` (``policy.overdue`` on its clocks), or None."""
+        closing = self.closing
+        return overdue(
+            limits,
+            now,
+            started_at=self.started_at,
+            active=self.active,
+            last_rx=self.last_rx,
+            lingering=closing is _TOO_LONG,
+            closing=closing is not None,
+            paused=self.paused,
+        )
+
+    def time_out(self, reason: CloseReason) -> None:
+        """Close for the overdue ``reason``: a close already under way (lingering, stalled) is dropped."""
+        if self.closing:
+            self.abort(reason)  # keeps the reason it closes for
+        else:
+            self.expire(reason)
+
+    def close_if_quiet(self, now: float, quiet: float) -> None:
+        """In a graceful stop: close if between questions, every answer sent and nothing received for ``quiet``."""
+        if not self.closing and self.idle() and now - self.last_rx >= quiet:
+            self.close(CloseReason.SHUTDOWN)
+
     def connection_lost(self, exc: Exception | None) -> None:
-        reason = self.closing or ("reset" if exc is not None else "eof")
+        reason = self.closing or (_RESET if exc is not None else _EOF)
         fields = _NO_FIELDS
-        if self.reader is not None and reason != TOO_LONG:
+        if self.reader is not None and reason is not _TOO_LONG:
             partial = self.reader.partial
             if partial:
                 fields = {"unfinished": printable(partial)}
-        self.worker.connection_lost(self, reason, fields)
+        self.ctx.host.connection_lost(self, reason, fields)
+
+    def detach(self) -> None:
+        """Let go of the transport, once closed: the registry that tracked the connection marks it so."""
+        self.transport = None
 
     def peer(self) -> str:
         """The client's address, ``host:port`` (asked when needed: uvloop keeps it after the close)."""
@@ -260,8 +364,8 @@ class ProxiedConnection(Connection):
 
     __slots__ = ("client", "header", "proxy_error", "via")
 
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(worker)
+    def __init__(self, ctx: ConnectionContext) -> None:
+        super().__init__(ctx)
         self.header: bytes | None = b""  # the header's bytes so far; None once parsed
         self.client: str | None = None  # the header's client address, once parsed
         self.via: str | None = None
@@ -272,8 +376,8 @@ class ProxiedConnection(Connection):
         super().connection_made(transport)
         address = transport.get_extra_info("peername")
         host = address[0] if isinstance(address, tuple) else None
-        if not proxy.is_trusted(host, self.worker.proxy_trusted):
-            self._reject("proxy_untrusted", "peer not in PROXY_TRUSTED")
+        if not proxy.is_trusted(host, self.ctx.proxy_trusted):
+            self._reject(CloseReason.PROXY_UNTRUSTED, "peer not in PROXY_TRUSTED")
 
     def data_received(self, data: bytes) -> None:
         if self.header is None:
@@ -287,11 +391,11 @@ class ProxiedConnection(Connection):
         buf = self.header + data if self.header else data
         self.last_rx = _monotonic()
         try:
-            header = proxy.parse_header(buf, self.worker.proxy_versions)
+            header = proxy.parse_header(buf, self.ctx.proxy_versions)
         except proxy.ProxyHeaderError as exc:
             self.bytes_in += len(data)
             missing = isinstance(exc, proxy.MissingProxyHeaderError)
-            self._reject("proxy_missing" if missing else "proxy_invalid", str(exc))
+            self._reject(CloseReason.PROXY_MISSING if missing else CloseReason.PROXY_INVALID, str(exc))
             return
         if header is None:
             self.bytes_in += len(data)
@@ -299,7 +403,7 @@ class ProxiedConnection(Connection):
             return
         self.bytes_in += header.length - (len(buf) - len(data))
         self.header = None
-        commands = self.worker.stats.proxy_headers
+        commands = self.ctx.stats.proxy_headers
         commands[header.command] = commands.get(header.command, 0) + 1
         if header.source is not None:
             self.via = Connection.peer(self)
@@ -314,24 +418,24 @@ class ProxiedConnection(Connection):
         """The header's client address once parsed, else the load balancer's."""
         return self.client if self.client is not None else Connection.peer(self)
 
-    def _reject(self, reason: str, error: str) -> None:
+    def _reject(self, reason: CloseReason, error: str) -> None:
         self.proxy_error = error
         self.close(reason)
 
     def eof_received(self) -> bool:
         if self.header and not self.closing:
-            self._reject("proxy_invalid", "end of stream inside the PROXY header")
+            self._reject(CloseReason.PROXY_INVALID, "end of stream inside the PROXY header")
             return True
         return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        reason = self.closing or ("reset" if exc is not None else "eof")
+        reason = self.closing or (_RESET if exc is not None else _EOF)
         fields: dict[str, Any] = {}
         if self.via is not None:
             fields["via"] = self.via
         if self.proxy_error is not None:
             fields["proxy_error"] = self.proxy_error
         partial = self.header or self.partial
-        if partial and reason != TOO_LONG:
+        if partial and reason is not _TOO_LONG:
             fields["unfinished"] = printable(partial)
-        self.worker.connection_lost(self, reason, fields)
+        self.ctx.host.connection_lost(self, reason, fields)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from app import config
-from app.server import worker
+from app.server import accept
 from tests.server import free_port
 
 from .server import Server, open_server
@@ -137,7 +137,7 @@ def test_emfile_backs_off_keeps_serving_and_recovers(figures: dict[str, Any]) ->
         released = time.monotonic()
         with socket.create_connection(server.addr) as sock:  # recovery: a new client is served
             sock.sendall(QUESTION)
-            sock.settimeout(worker.BACKOFF_CAP + 10)
+            sock.settimeout(accept.BACKOFF_CAP + 10)
             assert sock.recv(16) == b"Ugly."
         recovered = time.monotonic() - released
         server.assert_clean_log()
@@ -154,9 +154,9 @@ def test_emfile_backs_off_keeps_serving_and_recovers(figures: dict[str, Any]) ->
     assert backoffs > events, "the counter must count every back-off, the log only a few"
     # One event at once, then at most one per BACKOFF_LOG_EVERY, per worker.
     elapsed = time.monotonic() - t0 + 5
-    assert events <= 2 * (1 + elapsed / worker.BACKOFF_LOG_EVERY)
+    assert events <= 2 * (1 + elapsed / accept.BACKOFF_LOG_EVERY)
     assert cpu < 1.0, f"workers burnt {cpu:.2f} s of CPU in 3 s of EMFILE: spinning"
-    assert recovered < worker.BACKOFF_CAP + 5
+    assert recovered < accept.BACKOFF_CAP + 5
 
 
 def _split_answered(socks: list[socket.socket], timeout: float) -> tuple[list[socket.socket], list[socket.socket]]:

@@ -61,7 +61,7 @@ async def _call(func: Callable[[], Any]) -> Any:
 
 
 FAST = Settings(request_timeout=5.0, idle_timeout=10.0, graceful_timeout=5.0, drain_quiet=0.2, max_connections=1000)
-#: The two ways a worker accepts (worker.NATIVE_ENTER): libuv while far below
+#: The two ways a worker accepts (accept.NATIVE_ENTER): libuv while far below
 #: the cap, its own accept loop near it (two headrooms of 64 connections).
 NATIVE = FAST.replace(max_connections=10_000)
 OWN = FAST.replace(max_connections=100)
@@ -94,5 +94,5 @@ def run_worker(settings: Settings = FAST) -> Iterator[RunningWorker]:
 def worker(request: pytest.FixtureRequest) -> Iterator[RunningWorker]:
     """A worker in each accept mode."""
     with run_worker(ACCEPT_MODES[request.param]) as running:
-        assert (running.worker.native is not None) == (request.param == "native")
+        assert (running.worker.acceptor.native is not None) == (request.param == "native")
         yield running

@@ -25,7 +25,7 @@ from app.core import proxy, zen
 from app.server import metrics
 from app.server.admin import MasterStatus
 from app.server.master import Master
-from app.server.worker import Stats
+from app.server.stats import Stats
 from tests.conformance import recv_exactly, recv_until_eof
 from tests.server import ServerProcess, free_port, start_server
 

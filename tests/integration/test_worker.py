@@ -218,10 +218,10 @@ def test_graceful_stop_finishes_question_in_progress() -> None:
 def test_accept_mode_follows_the_distance_to_the_cap() -> None:
     """libuv accepts while two headrooms fit below the cap; the worker's own loop near it; back again."""
     with run_worker(FAST.replace(max_connections=20)) as w:
-        assert w.worker.native is None  # 20 connections leave no room for two headrooms of 64
-        w.worker.accept_headroom = 5  # own from 15 connections, libuv below 10
-        w.call(w.worker._switch_accept_mode)
-        assert w.worker.native is not None
+        assert w.worker.acceptor.native is None  # 20 connections leave no room for two headrooms of 64
+        w.worker.acceptor.headroom = 5  # own from 15 connections, libuv below 10
+        w.call(w.worker.acceptor.switch_mode)
+        assert w.worker.acceptor.native is not None
         clients = []
         for _ in range(20):
             client = ZenClient(w.host, w.port, timeout=5)
@@ -238,7 +238,7 @@ def test_accept_mode_follows_the_distance_to_the_cap() -> None:
         late.sock.settimeout(5)
         assert late.read_answers(1) == [A1]
         w.log.wait_for("accept_mode", lambda e: e["native"] and e["connections"])
-        assert w.call(lambda: w.worker.native is not None)
+        assert w.call(lambda: w.worker.acceptor.native is not None)
         with ZenClient(w.host, w.port, timeout=5) as client:
             assert client.ask(Q1) == A1
         for client in [*clients[11:], late]:
@@ -248,7 +248,7 @@ def test_accept_mode_follows_the_distance_to_the_cap() -> None:
 def test_a_connection_over_the_cap_is_closed_and_logged() -> None:
     """The guard behind the headroom: a connection libuv accepted beyond the cap is closed, logged."""
     with run_worker(NATIVE) as w, ZenClient(w.host, w.port, timeout=5) as first:
-        assert w.worker.native is not None
+        assert w.worker.acceptor.native is not None
         assert first.ask(Q1) == A1
         # Fault: the cap drops to what is open, as if libuv had run past it.
         w.call(lambda: setattr(w.worker, "settings", w.worker.settings.replace(max_connections=1)))

@@ -26,8 +26,8 @@ def worker() -> Iterator[Worker]:
 def _open(worker: Worker, n: int) -> list[Connection]:
     conns = []
     for _ in range(n):
-        conn = Connection(worker)
-        conn.transport = object()  # open: the registry marks a removed one by clearing it
+        conn = Connection(worker.context)
+        conn.transport = object()  # open: the registry marks a removed one by detaching it
         conns.append(conn)
     return conns
 

@@ -124,3 +124,28 @@ def test_conversation_lingers_after_too_long() -> None:
     big = Conversation(Limits(max_question=4, linger_bytes=10), now=0.0)
     big.receive(b"12345", 0.0)
     assert big.discard(b"z" * 11, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "now", "reason"),
+    [
+        # A client that neither reads its answers nor sends: paused, a question held, idle for too long.
+        ({"started_at": 0.0, "active": 0.0, "last_rx": 0.0, "paused": True}, 61.0, CloseReason.IDLE_TIMEOUT),
+        # The idle clock also runs while a question does, should it be the shorter.
+        ({"started_at": 0.0, "active": 0.0, "last_rx": 0.0}, 6.0, None),
+    ],
+)
+def test_overdue_keeps_the_idle_clock_under_a_started_question(
+    kwargs: dict[str, object], now: float, reason: CloseReason | None
+) -> None:
+    assert overdue(LIMITS, now, **kwargs) == reason  # type: ignore[arg-type]
+    short_idle = Limits(request_timeout=10.0, idle_timeout=5.0)
+    assert overdue(short_idle, 6.0, started_at=0.0, active=0.0, last_rx=0.0) is CloseReason.IDLE_TIMEOUT
+
+
+def test_conversation_deadline_is_the_earlier_clock() -> None:
+    conv = Conversation(Limits(request_timeout=10.0, idle_timeout=5.0), now=0.0)
+    conv.receive(b"Beautiful", 1.0)
+    assert conv.deadline() == (6.0, CloseReason.IDLE_TIMEOUT)
+    assert conv.overdue(5.9) is None
+    assert conv.overdue(6.1) is CloseReason.IDLE_TIMEOUT
