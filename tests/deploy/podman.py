@@ -12,8 +12,7 @@ apt and pip configuration) or pulls from a container registry.
 
 The things kept between runs live in CACHE_DIR: per Debian release a tarball
 of a debootstrapped root filesystem with python3 and python3-venv (about
-270 MB each, 45 to 90 s to rebuild), and the pip download cache of the
-Python 3.13 run; delete any of them to force a fresh one.
+270 MB each, 45 to 90 s to rebuild); delete one to force a fresh one.
 """
 
 from __future__ import annotations
