@@ -1,18 +1,18 @@
-"""Podman for the container test: a private storage, a local Debian base image, the host's pip settings.
+"""Podman for the deployment tests: a private storage, local Debian base images, the host's pip settings.
 
 Owns: running podman against a storage of its own (a temporary directory
-under /var/tmp, removed afterwards, so no image or container of this test
+under /var/tmp, removed afterwards, so no image or container of these tests
 outlives it and the host's own podman storage is never touched), the
-repository's containers.conf (runc, lower ulimits), the cached Debian
-bookworm root filesystem the base image is imported from, and reading the
-host's apt mirror and pip settings.
+repository's containers.conf (runc, lower ulimits), the cached Debian root
+filesystems the base images are imported from (one per tested Python: see
+SUITES), and reading the host's apt mirror and pip settings.
 
 Never: names a registry or mirror host (they are read from this machine's
 apt and pip configuration) or pulls from a container registry.
 
-The one thing kept between runs is ROOTFS_CACHE, a tarball of a
-debootstrapped Debian bookworm with python3 and python3-venv (about 270 MB,
-45 s to rebuild); delete it to force a fresh one.
+The things kept between runs live in CACHE_DIR: per Debian release a tarball
+of a debootstrapped root filesystem with python3 and python3-venv (about
+270 MB each, 45 to 90 s to rebuild); delete one to force a fresh one.
 """
 
 from __future__ import annotations
@@ -24,16 +24,20 @@ import re
 import shutil
 import subprocess
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 from tests.deploy.support import REPO, VENV_BIN
 
 CONTAINERS_CONF = REPO / "deploy" / "podman" / "containers.conf"
-SUITE = "bookworm"
+#: The Debian releases the tests build on, and the python3 each ships: the
+#: Pythons the project is tested on (the host's 3.11 and trixie's 3.13).
+SUITES = {"bookworm": (3, 11), "trixie": (3, 13)}
 PACKAGES = ("python3", "python3-venv")
 CACHE_DIR = Path("/var/tmp/zen-server-test-cache")
-ROOTFS_CACHE = CACHE_DIR / f"debian-{SUITE}-{'-'.join(PACKAGES)}.tar"
+#: Where the CA bundle of the host's pip is mounted inside a container.
+CONTAINER_CA = "/run/zen-test-ca.crt"
 
 
 class PodmanUnavailableError(Exception):
@@ -46,6 +50,7 @@ class Podman:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+        self._bases: dict[str, str] = {}
 
     def argv(self, *args: str) -> list[str]:
         h = self.home
@@ -58,6 +63,14 @@ class Podman:
         if check and done.returncode != 0:
             raise AssertionError(f"podman {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
         return done
+
+    def base_image(self, suite: str) -> str:
+        """The Debian ``suite`` root filesystem as an image of this storage (imported once, debootstrapped once)."""
+        if suite not in self._bases:
+            tag = f"localhost/zen-test-base:{suite}"
+            self.run("import", str(ensure_rootfs_tarball(suite)), tag, timeout=300)
+            self._bases[suite] = tag
+        return self._bases[suite]
 
     def destroy(self) -> None:
         """Remove every container and image of this private storage, then the storage itself."""
@@ -83,52 +96,84 @@ def open_podman() -> Iterator[Podman]:
         podman.destroy()
 
 
+def ulimit_args(**limits: tuple[int, int]) -> list[str]:
+    """podman run --ulimit options: containers.conf's default_ulimits, ``limits`` (name=(soft, hard)) replacing them.
+
+    One --ulimit on the command line drops every default of containers.conf
+    (podman then asks for its own nproc, above what this host lets a
+    container set), so the defaults are always repeated.
+    """
+    defaults = tomllib.loads(CONTAINERS_CONF.read_text())["containers"]["default_ulimits"]
+    merged = {name: value for name, _, value in (str(u).partition("=") for u in defaults)}
+    merged |= {name: f"{soft}:{hard}" for name, (soft, hard) in limits.items()}
+    return [f"--ulimit={name}={value}" for name, value in merged.items()]
+
+
+def host_suite() -> str:
+    """This machine's Debian release (VERSION_CODENAME), the suite its apt sources name."""
+    os_release = Path("/etc/os-release")
+    text = os_release.read_text() if os_release.exists() else ""
+    m = re.search(r"^VERSION_CODENAME=\"?(\w+)", text, re.MULTILINE)
+    return m.group(1) if m else "bookworm"
+
+
 def apt_mirror() -> str | None:
-    """The Debian archive URI apt uses on this machine (deb822 .sources or one-line .list files)."""
+    """The Debian archive URI apt uses on this machine for its own release (deb822 or one-line sources).
+
+    Every release lives in the same archive, so the one mirror serves the
+    debootstrap of any suite in SUITES.
+    """
+    suite = host_suite()
     apt = Path("/etc/apt")
     for path in sorted(apt.glob("sources.list.d/*.sources")):
         for stanza in re.split(r"\n\s*\n", path.read_text()):
             fields: dict[str, str] = dict(re.findall(r"^(\w[\w-]*):\s*(.+)$", stanza, re.MULTILINE))
             suites = fields.get("Suites", "").split()
-            if "deb" in fields.get("Types", "").split() and SUITE in suites and fields.get("URIs"):
+            if "deb" in fields.get("Types", "").split() and suite in suites and fields.get("URIs"):
                 return fields["URIs"].split()[0]
     for path in [apt / "sources.list", *sorted(apt.glob("sources.list.d/*.list"))]:
         if not path.exists():
             continue
         for line in path.read_text().splitlines():
             m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)\s", line.strip() + " ")
-            if m and m.group(2) == SUITE:
+            if m and m.group(2) == suite:
                 return m.group(1)
     return None
 
 
-def ensure_rootfs_tarball() -> Path:
-    """ROOTFS_CACHE, made with debootstrap from the host's apt mirror unless it already exists."""
+def rootfs_cache(suite: str) -> Path:
+    """The cached root filesystem tarball of Debian ``suite``."""
+    return CACHE_DIR / f"debian-{suite}-{'-'.join(PACKAGES)}.tar"
+
+
+def ensure_rootfs_tarball(suite: str) -> Path:
+    """rootfs_cache(suite), made with debootstrap from the host's apt mirror unless it already exists."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    cached = rootfs_cache(suite)
     with (CACHE_DIR / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one debootstrap at a time, the others then reuse it
-        if ROOTFS_CACHE.exists():
-            return ROOTFS_CACHE
+        if cached.exists():
+            return cached
         mirror = apt_mirror()
         if mirror is None:
-            raise PodmanUnavailableError(f"no Debian {SUITE} mirror in /etc/apt to debootstrap from")
+            raise PodmanUnavailableError(f"no Debian {host_suite()} mirror in /etc/apt to debootstrap from")
         if shutil.which("debootstrap") is None or os.geteuid() != 0:
             raise PodmanUnavailableError("debootstrap (Debian package, as root) is needed for the base image")
         work = Path(tempfile.mkdtemp(prefix="rootfs-", dir=CACHE_DIR))
         try:
             include = f"--include={','.join(PACKAGES)}"
             subprocess.run(
-                ["debootstrap", "--variant=minbase", include, SUITE, str(work / "fs"), mirror],
+                ["debootstrap", "--variant=minbase", include, suite, str(work / "fs"), mirror],
                 check=True,
                 capture_output=True,
                 timeout=900,
             )
             partial = work / "rootfs.tar"
             subprocess.run(["tar", "-C", str(work / "fs"), "-cf", str(partial), "."], check=True, timeout=300)
-            partial.rename(ROOTFS_CACHE)
+            partial.rename(cached)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return ROOTFS_CACHE
+        return cached
 
 
 def pip_build_args() -> list[str]:
@@ -139,15 +184,39 @@ def pip_build_args() -> list[str]:
     passed as a build argument.  File URLs and find-links of the host are
     meaningless inside the build and are left out.
     """
-    conf = _pip_config()
+    cert, index = _pip_cert_and_index()
     args: list[str] = []
-    cert = os.environ.get("PIP_CERT") or conf.get("cert") or os.environ.get("SSL_CERT_FILE")
-    if cert and Path(cert).is_file():
+    if cert:
         args += ["--secret", f"id=pip_cert,src={cert}"]
-    index = os.environ.get("PIP_INDEX_URL") or conf.get("index-url")
-    if index and index.startswith(("http://", "https://")):
+    if index:
         args += ["--build-arg", f"PIP_INDEX_URL_OVERRIDE={index}"]
     return args
+
+
+def pip_run_args() -> list[str]:
+    """podman run options that let pip inside a container reach the index the way the host's pip does.
+
+    The same two settings as pip_build_args: the CA bundle, mounted read-only
+    at CONTAINER_CA and named by PIP_CERT, and an http(s) index.
+    """
+    cert, index = _pip_cert_and_index()
+    args: list[str] = []
+    if cert:
+        args += ["--volume", f"{cert}:{CONTAINER_CA}:ro", "--env", f"PIP_CERT={CONTAINER_CA}"]
+    if index:
+        args += ["--env", f"PIP_INDEX_URL={index}"]
+    return args
+
+
+def _pip_cert_and_index() -> tuple[str | None, str | None]:
+    """The host pip's CA bundle (an existing file) and its http(s) index URL, each None when absent."""
+    conf = _pip_config()
+    cert = os.environ.get("PIP_CERT") or conf.get("cert") or os.environ.get("SSL_CERT_FILE")
+    index = os.environ.get("PIP_INDEX_URL") or conf.get("index-url")
+    return (
+        cert if cert and Path(cert).is_file() else None,
+        index if index and index.startswith(("http://", "https://")) else None,
+    )
 
 
 def _pip_config() -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 import shutil
 import subprocess
 import tomllib
@@ -21,6 +22,7 @@ import yaml
 
 from app.config import SETTINGS
 from app.server.master import KILL_GRACE
+from tests.deploy.podman import SUITES
 from tests.deploy.support import REPO, VENV_BIN
 
 GRACEFUL_TIMEOUT = next(s.default for s in SETTINGS if s.name == "GRACEFUL_TIMEOUT")
@@ -45,7 +47,7 @@ def test_hadolint_passes_at_warning_threshold() -> None:
 def test_dockerfile_contract() -> None:
     text = (REPO / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines()]
-    assert "ARG BASE_IMAGE=python:3.12-slim" in lines
+    assert "ARG BASE_IMAGE=python:3.13-slim" in lines
     assert 'CMD ["python", "-m", "app"]' in lines  # exec form: the master is PID 1 and gets the signals
     assert "STOPSIGNAL SIGTERM" in lines
     assert "EXPOSE 1060" in lines
@@ -55,6 +57,13 @@ def test_dockerfile_contract() -> None:
     assert "HOST=0.0.0.0" in text
     assert "LOG_FORMAT=json" in text
     assert "--mount=type=secret" in text  # the CA bundle never lands in a layer
+
+
+def test_dockerfile_default_base_is_a_tested_python() -> None:
+    """The default BASE_IMAGE's Python is one the suite runs on (tests/deploy/podman.py SUITES)."""
+    m = re.search(r"^ARG BASE_IMAGE=python:(\d+)\.(\d+)-slim$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    assert m, "the default base is an official python:X.Y-slim image"
+    assert (int(m.group(1)), int(m.group(2))) in SUITES.values()
 
 
 def test_dockerignore_keeps_the_context_to_the_package() -> None:
