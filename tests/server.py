@@ -146,3 +146,37 @@ def start_server(env: Mapping[str, str] | None = None, *, ready: bool = True) ->
         for stream in (server.proc.stdout, server.proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@contextmanager
+def serve_badly(reply: Callable[[socket.socket, bytes], None]) -> Iterator[int]:
+    """A tiny server on 127.0.0.1 that calls ``reply`` for every chunk it receives."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while not stop.is_set() and (data := conn.recv(4096)):
+                    reply(conn, data)
+            except OSError:
+                pass  # zenload closed it after counting the error
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _addr = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import pytest
 from app.core import zen
 from app.tools.process import RunningServer, running_server
 from tests.conformance import CASES, Case, check_case, recv_exactly, recv_until_eof
+from tests.server import serve_badly
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -132,40 +131,6 @@ def test_zenload_loads_zenref_without_an_error(tools: Path, zenref: int) -> None
     assert code == 0
     assert events["summary"]["errors"] == 0
     assert events["summary"]["completed"] > 100
-
-
-@contextmanager
-def serve_badly(reply: Callable[[socket.socket, bytes], None]) -> Iterator[int]:
-    """A tiny server on 127.0.0.1 that calls ``reply`` for every chunk it receives."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while not stop.is_set() and (data := conn.recv(4096)):
-                    reply(conn, data)
-            except OSError:
-                pass  # zenload closed it after counting the error
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _addr = listener.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(5)
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
 
 
 def wrong_answers(conn: socket.socket, data: bytes) -> None:

@@ -9,10 +9,8 @@ report and PNG plots.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 
 from app.tools.process import RunningServer, running_server
+from tests.server import serve_badly
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -77,32 +76,8 @@ def test_bench_rejects_bad_options() -> None:
 @pytest.fixture
 def wrong_server() -> Iterator[int]:
     """A server on loopback that answers every read with the wrong answer."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            while not stop.is_set() and conn.recv(4096):
-                conn.sendall(b"Wrong.")
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _addr = listener.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(5)
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
+    with serve_badly(lambda conn, _data: conn.sendall(b"Wrong.")) as port:
+        yield port
 
 
 def test_bench_counts_wrong_answers(wrong_server: int) -> None:
