@@ -7,6 +7,7 @@ uvloop is blocked the way a missing install looks to the import system:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 
 import pytest
@@ -66,7 +67,7 @@ def test_a_lab_variant_named_for_uvloop_never_runs_on_another_loop() -> None:
     coro = main()
     with pytest.raises(loops.LoopUnavailableError):
         run_asyncio(coro, uvloop=True)
-    assert coro.cr_frame is None  # closed, not left un-awaited
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED  # not left un-awaited
     assert not ran
     assert run_asyncio(main(), uvloop=False) == 0
     assert ran == [True]
