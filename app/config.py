@@ -37,6 +37,8 @@ from marshmallow.validate import OneOf, Range
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS: Final = ("json", "console", "auto")
 PROXY_MODES: Final = ("off", "v1", "v2", "any")
+#: The event loops a worker can run (app.server.loops), as uvicorn's ``--loop``.
+LOOPS: Final = ("auto", "uvloop", "asyncio")
 
 #: File descriptors a worker keeps for itself (listener, pipes, log, the
 #: interpreter's own) when ``MAX_CONNECTIONS`` is derived from RLIMIT_NOFILE.
@@ -142,6 +144,11 @@ class Settings:
     )
     backlog: int = setting(
         2048, "listen() backlog per worker socket (capped by net.core.somaxconn)", validate=Range(1, 65535)
+    )
+    loop: str = setting(
+        "auto",
+        "{choices}: the workers' event loop; auto = uvloop when it imports, else asyncio's (with a warning)",
+        choices=LOOPS,
     )
     log_level: str = setting("info", "{choices}", choices=LOG_LEVELS)
     log_format: str = setting("auto", "{choices} (console on a terminal, JSON otherwise)", choices=LOG_FORMATS)

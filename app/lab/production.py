@@ -23,9 +23,10 @@ def serve(settings: Settings, *, name: str, percore: bool = False, **_options: A
         from app.server.master import serve_master  # noqa: PLC0415
 
         return serve_master(settings)
-    import uvloop  # noqa: PLC0415
-
+    from app.server.loops import choose_loop  # noqa: PLC0415
     from app.server.worker import build_worker  # noqa: PLC0415
+
+    run = choose_loop(settings.loop).run  # LOOP, as a production worker (without its boot-time warning)
 
     listener = open_listener(settings, blocking=False)
     # Built as a production worker is: the same event and close-line loggers.
@@ -37,5 +38,5 @@ def serve(settings: Settings, *, name: str, percore: bool = False, **_options: A
         loop.add_signal_handler(signal.SIGINT, worker.request_stop)
         await worker.serve()
 
-    uvloop.run(main())
+    run(main())
     return 0

@@ -15,7 +15,6 @@ only thing in which they differ.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
@@ -26,6 +25,7 @@ from app import logs
 from app.config import Settings
 from app.core.policy import Conversation, Limits, Next, resume
 from app.server.listener import bind_socket, tune_accepted
+from app.server.loops import ASYNCIO, UVLOOP, LoopUnavailableError, choose_loop
 
 #: One recv() per wakeup; 64 KiB is the loopback segment size and asyncio's default.
 RECV_SIZE: Final = 65536
@@ -102,11 +102,15 @@ def serve_conversation(conn: socket.socket, limits: Limits) -> None:
 
 
 def run_asyncio(main: Coroutine[Any, Any, None], *, uvloop: bool) -> int:
-    """Run an asyncio lab server's ``main`` on the stock loop or on uvloop; returns 0."""
-    if uvloop:
-        import uvloop as _uvloop  # noqa: PLC0415 - only the uvloop variants load it
+    """Run an asyncio lab server's ``main`` on the stock loop or on uvloop; returns 0.
 
-        _uvloop.run(main)
-    else:
-        asyncio.run(main)
+    A variant named for uvloop runs on it or not at all (``loops.LoopUnavailableError``):
+    its figures must not silently be the stock loop's.
+    """
+    try:
+        chosen = choose_loop(UVLOOP if uvloop else ASYNCIO)
+    except LoopUnavailableError:
+        main.close()  # never awaited
+        raise
+    chosen.run(main)
     return 0

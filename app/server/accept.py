@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from app.config import Settings, derived_max_connections
-from app.server import listener
+from app.server import listener, loops
 
 if TYPE_CHECKING:
     from app.server.stats import Stats
@@ -134,7 +134,9 @@ class Acceptor:
         self.native: asyncio.AbstractServer | None = None  # libuv accepting (see NATIVE_ENTER)
         # The cap libuv must stay clear of: connections, and descriptors (EMFILE).
         self.cap = min(settings.max_connections, derived_max_connections())
-        self.headroom = native_headroom(settings.backlog, libuv_version())
+        #: libuv accepting needs uvloop: on asyncio's loop, our own loop only (:meth:`start`).
+        self.native_capable = False
+        self.headroom = NATIVE_HEADROOM  # set by start() from uvloop's libuv
         self.leave_at = _NEVER  # the open count at which libuv accepting must stop
         self._backoff = Backoff()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -144,6 +146,11 @@ class Acceptor:
     def start(self) -> None:
         """Start accepting, in the running loop."""
         self._loop = asyncio.get_running_loop()
+        # asyncio's create_server may suspend and accepts a batch per event,
+        # with no headroom to tell: it never accepts for us.
+        self.native_capable = loops.name_of(self._loop) == loops.UVLOOP
+        if self.native_capable:
+            self.headroom = native_headroom(self.settings.backlog, libuv_version())
         self.sock.setblocking(False)
         self._start()
 
@@ -203,8 +210,8 @@ class Acceptor:
         self.accepting = False
 
     def _fits(self, queues: int) -> bool:
-        """True while ``queues`` headrooms fit below every limit."""
-        return self._conns.count + self.pending + queues * self.headroom < self.cap
+        """True while ``queues`` headrooms fit below every limit (never on a loop that cannot accept natively)."""
+        return self.native_capable and self._conns.count + self.pending + queues * self.headroom < self.cap
 
     def _open_native(self) -> None:
         assert self._loop is not None
@@ -246,7 +253,8 @@ class Acceptor:
             self._backoff.succeeded()
             self.pending += 1
             self._stats.accepted += 1
-            conn = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
+            # proto given: asyncio's transport sets TCP_NODELAY only on a socket that says it is TCP.
+            conn = socket.socket(self._family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
             self._loop.create_task(self._connect(conn))
 
     async def _connect(self, conn: socket.socket) -> None:
@@ -284,7 +292,7 @@ class Acceptor:
 
 def libuv_version() -> int:
     """The version of uvloop's libuv as ``major << 16 | minor << 8 | patch``; 0 if uvloop does not say."""
-    import uvloop.loop  # noqa: PLC0415 - the master never runs a loop
+    import uvloop.loop  # noqa: PLC0415 - only on uvloop (start()); the master never runs a loop
 
     version: int = getattr(uvloop.loop, "libuv_get_version", lambda: 0)()
     return version

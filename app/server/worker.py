@@ -34,6 +34,7 @@ from app.config import Settings
 from app.core import zen
 from app.core.policy import CloseReason, Limits
 from app.exits import Exit
+from app.server import loops
 from app.server.accept import Acceptor
 from app.server.connection import Connection, ConnectionContext, ProxiedConnection
 from app.server.heartbeat import Heartbeat
@@ -158,7 +159,7 @@ class Worker:
         self.acceptor.start()
         self._sweep_due = _monotonic() + self._tick
         self.loop.call_later(self._tick, self._sweep)
-        self.log.info("worker_ready", max_connections=self.settings.max_connections)
+        self.log.info("worker_ready", max_connections=self.settings.max_connections, loop=loops.name_of(self.loop))
         if self.on_ready is not None:
             self.on_ready()
         await self._stop.wait()
@@ -318,16 +319,17 @@ def build_worker(
 def serve_worker_process(settings: Settings, *, fd: int, slot: int, ready_fd: int, parent_pid: int) -> int:
     """Process-wide start-up of a worker, then serve; returns the exit code.
 
-    The one place per worker process that sets up logging, uvloop and
-    signal handlers (gunicorn ``workers/base.py``).  SIGTERM = graceful
-    stop, SIGQUIT = immediate stop, SIGINT is left to the master (a Ctrl-C
-    reaches the whole process group).
+    The one place per worker process that sets up logging, the event loop
+    (``LOOP``) and signal handlers (gunicorn ``workers/base.py``).  SIGTERM =
+    graceful stop, SIGQUIT = immediate stop, SIGINT is left to the master (a
+    Ctrl-C reaches the whole process group).
     """
-    import uvloop  # noqa: PLC0415 - the master never runs a loop
-
     from app import logs  # noqa: PLC0415
 
     logs.configure(settings)
+    run = _loop_runner(settings, slot)
+    if run is None:
+        return Exit.CONFIG  # before ready: the master stops rather than respawn
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not _die_with_parent(parent_pid):
         logs.get_logger(worker=slot, pid=os.getpid()).warning("parent_died", parent=parent_pid)
@@ -348,5 +350,25 @@ def serve_worker_process(settings: Settings, *, fd: int, slot: int, ready_fd: in
         loop.add_signal_handler(signal.SIGQUIT, worker.request_quit)
         await worker.serve()
 
-    uvloop.run(main())
+    run(main())
     return Exit.OK
+
+
+def _loop_runner(settings: Settings, slot: int) -> loops.Runner | None:
+    """The runner of the ``LOOP`` setting's loop; None (logged) if ``LOOP=uvloop`` and it does not import.
+
+    Under ``auto`` without uvloop, the first slot warns once for the server
+    (every worker says its loop in ``worker_ready``).
+    """
+    from app import logs  # noqa: PLC0415
+
+    try:
+        chosen = loops.choose_loop(settings.loop)
+    except loops.LoopUnavailableError as exc:
+        logs.get_logger(worker=slot, pid=os.getpid()).error("loop_unavailable", error=str(exc))
+        return None
+    if chosen.fallback and slot == 0:
+        logs.get_logger(worker=slot, pid=os.getpid()).warning(
+            "loop_fallback", loop=chosen.name, reason=f"uvloop does not import ({chosen.fallback})"
+        )
+    return chosen.run

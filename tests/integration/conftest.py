@@ -1,4 +1,4 @@
-"""A real worker on a real socket (127.0.0.1, port 0), its loop in a thread."""
+"""A real worker on a real socket (127.0.0.1, port 0), its loop (uvloop or asyncio's) in a thread."""
 
 from __future__ import annotations
 
@@ -65,21 +65,31 @@ FAST = Settings(request_timeout=5.0, idle_timeout=10.0, graceful_timeout=5.0, dr
 #: the cap, its own accept loop near it (two headrooms of 64 connections).
 NATIVE = FAST.replace(max_connections=10_000)
 OWN = FAST.replace(max_connections=100)
-ACCEPT_MODES = {"native": NATIVE, "own": OWN}
+#: The loops a worker runs on (LOOP).  Only uvloop accepts natively: on asyncio's
+#: loop the worker accepts in its own loop whatever the distance to the cap.
+LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+#: The ``worker`` fixture's kinds: (loop, settings, accepts natively).  On
+#: asyncio's loop a worker far below its cap still accepts in its own loop.
+WORKER_KINDS = {
+    "uvloop-native": ("uvloop", NATIVE, True),
+    "uvloop-own": ("uvloop", OWN, False),
+    "asyncio": ("asyncio", NATIVE, False),
+}
 
 
 @contextmanager
-def run_worker(settings: Settings = FAST) -> Iterator[RunningWorker]:
-    """Serve on 127.0.0.1:0 in a thread until the block ends, then drain."""
+def run_worker(settings: Settings = FAST, loop_name: str = "uvloop") -> Iterator[RunningWorker]:
+    """Serve on 127.0.0.1:0 in a thread, on ``loop_name``'s loop, until the block ends, then drain."""
     sock = bind_socket("127.0.0.1", 0, backlog=settings.backlog, reuse_port=False)
     port = sock.getsockname()[1]
     log = EventLog()
     ready = threading.Event()
     worker = Worker(settings, sock, log=log, on_ready=ready.set)
-    loop = uvloop.new_event_loop()
+    loop = LOOPS[loop_name]()
     thread = threading.Thread(target=loop.run_until_complete, args=(worker.serve(),), daemon=True)
     thread.start()
     assert ready.wait(5), "worker did not become ready"
+    assert log.wait_for("worker_ready")["loop"] == loop_name
     running = RunningWorker(worker, loop, log, port)
     try:
         yield running
@@ -90,9 +100,17 @@ def run_worker(settings: Settings = FAST) -> Iterator[RunningWorker]:
         loop.close()
 
 
-@pytest.fixture(params=sorted(ACCEPT_MODES))
+@pytest.fixture(params=sorted(LOOPS))
+def loop_name(request: pytest.FixtureRequest) -> str:
+    """Each loop a worker runs on, for the tests that build their own worker (``run_worker``)."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture(params=list(WORKER_KINDS))
 def worker(request: pytest.FixtureRequest) -> Iterator[RunningWorker]:
-    """A worker in each accept mode."""
-    with run_worker(ACCEPT_MODES[request.param]) as running:
-        assert (running.worker.acceptor.native is not None) == (request.param == "native")
+    """A worker on each loop, in each accept mode that loop has."""
+    loop_name, settings, native = WORKER_KINDS[request.param]
+    with run_worker(settings, loop_name) as running:
+        assert (running.worker.acceptor.native is not None) == native
         yield running

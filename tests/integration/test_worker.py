@@ -1,4 +1,7 @@
-"""The production worker over real sockets: every PROTOCOL.md rule, limits, timeouts, backpressure, drain."""
+"""The production worker over real sockets, on uvloop and on asyncio's loop.
+
+Every PROTOCOL.md rule, limits, timeouts, backpressure, drain.
+"""
 
 from __future__ import annotations
 
@@ -83,8 +86,8 @@ def test_tcp_nodelay_on_accepted_connections(worker: RunningWorker) -> None:
     assert all(flags)
 
 
-def test_size_limit_boundary() -> None:
-    with run_worker(FAST.replace(max_request_bytes=16)) as w:
+def test_size_limit_boundary(loop_name: str) -> None:
+    with run_worker(FAST.replace(max_request_bytes=16), loop_name) as w:
         exact = b"x" * 15 + b"?"
         with ZenClient(w.host, w.port) as client:
             assert client.ask(exact) == zen.UNKNOWN
@@ -104,8 +107,8 @@ def test_unfinished_question_at_eof_is_logged(worker: RunningWorker) -> None:
     assert event["unfinished"] == "Beautiful\\n\\x1b[31m"  # escaped: cannot forge a log line
 
 
-def test_request_timeout_counts_from_first_byte_not_per_byte() -> None:
-    with run_worker(FAST.replace(request_timeout=0.5)) as w:
+def test_request_timeout_counts_from_first_byte_not_per_byte(loop_name: str) -> None:
+    with run_worker(FAST.replace(request_timeout=0.5), loop_name) as w:
         with socket.create_connection((w.host, w.port), timeout=5) as sock:
             start = time.monotonic()
             closed_after = None
@@ -131,8 +134,8 @@ def test_request_timeout_counts_from_first_byte_not_per_byte() -> None:
         assert event["unfinished"].startswith("Beaut")
 
 
-def test_idle_timeout() -> None:
-    with run_worker(FAST.replace(idle_timeout=0.4)) as w:
+def test_idle_timeout(loop_name: str) -> None:
+    with run_worker(FAST.replace(idle_timeout=0.4), loop_name) as w:
         with socket.create_connection((w.host, w.port), timeout=5) as sock:
             sock.sendall(Q1)
             assert recv_exactly(sock, len(A1)) == A1
@@ -142,8 +145,8 @@ def test_idle_timeout() -> None:
         w.log.wait_for("connection_closed", lambda e: e["reason"] == "idle_timeout")
 
 
-def test_max_connections_pauses_accepting_then_resumes() -> None:
-    with run_worker(FAST.replace(max_connections=2)) as w:
+def test_max_connections_pauses_accepting_then_resumes(loop_name: str) -> None:
+    with run_worker(FAST.replace(max_connections=2), loop_name) as w:
         first, second = ZenClient(w.host, w.port), ZenClient(w.host, w.port, timeout=0.5)
         assert first.ask(Q1) == A1
         assert second.ask(Q1) == A1
@@ -160,10 +163,10 @@ def test_max_connections_pauses_accepting_then_resumes() -> None:
         third.close()
 
 
-def test_backpressure_bounds_unsent_answers() -> None:
+def test_backpressure_bounds_unsent_answers(loop_name: str) -> None:
     """A client pipelining 10 MB without reading: reading pauses, nothing is lost."""
     settings = FAST.replace(max_unsent_bytes=16384, idle_timeout=30.0)
-    with run_worker(settings) as w:
+    with run_worker(settings, loop_name) as w:
         question = b"x?"  # 2 bytes in, 24 out: 10 MB in asks for 120 MB of answers
         count = 10_000_000 // len(question)
         sock = socket.create_connection((w.host, w.port), timeout=30)
@@ -193,8 +196,8 @@ def test_backpressure_bounds_unsent_answers() -> None:
         sock.close()
 
 
-def test_graceful_stop_finishes_question_in_progress() -> None:
-    with run_worker(FAST.replace(drain_quiet=0.3)) as w:
+def test_graceful_stop_finishes_question_in_progress(loop_name: str) -> None:
+    with run_worker(FAST.replace(drain_quiet=0.3), loop_name) as w:
         busy = socket.create_connection((w.host, w.port), timeout=5)
         idle = socket.create_connection((w.host, w.port), timeout=5)
         busy.sendall(b"Beautiful is ")
