@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m app``."""
     parser = argparse.ArgumentParser(
         prog="python -m app",
-        description="Zen protocol server (one event-loop worker per core, uvloop when installed). Configured by environment variables: "
-        "see 'python -m app config'.",
+        description="Zen protocol server (one event-loop worker per core, uvloop when installed). "
+        "Configured by environment variables: see 'python -m app config'.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_server_commands(sub)
