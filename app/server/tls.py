@@ -150,7 +150,13 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def error_name(exc: BaseException | None) -> str:
-    """The SSL error's short name (``WRONG_VERSION_NUMBER``), else the exception's type."""
+    """The SSL error's short name (``WRONG_VERSION_NUMBER``), else the exception's type.
+
+    A client certificate that does not verify adds OpenSSL's reason in
+    brackets (``CERTIFICATE_VERIFY_FAILED (certificate has expired)``).
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.reason} ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason)
     return type(exc).__name__ if exc is not None else "eof"
