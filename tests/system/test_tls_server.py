@@ -305,3 +305,14 @@ def test_bad_input_is_bounded_and_a_good_client_is_still_served(pki: PKI) -> Non
     # the same; asyncio's pure-Python TLS leaves more); what this bounds is
     # that a flood costs no more than its handshakes, flood after flood.
     assert second - first < 2000 * PER_HANDSHAKE, f"a second flood grew the workers from {first} to {second} bytes"
+
+
+def test_hup_with_a_broken_certificate_keeps_the_old_workers(pki: PKI, files: tuple[Path, Path]) -> None:
+    with start_server(tls_env(files)) as server:
+        old = set(server.worker_pids().values())
+        files[0].write_text("not a certificate")
+        mark = len(server.events)
+        server.signal(signal.SIGHUP)
+        server.wait_event("reload_failed", start=mark)
+        assert set(server.worker_pids().values()) >= old
+        assert book_over_tls(server.port, client_context(pki)) == 1001  # still served, old certificate
