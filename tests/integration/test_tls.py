@@ -18,6 +18,7 @@ from app.config import ConfigError, Settings
 from app.core import proxy
 from app.server.connection import Connection
 from app.server.tls import ProxiedTLSConnection, TLSConnection, server_context
+from app.tools.bench import LoadSpec, run_load
 from tests.conformance import _EOF_EXPECT, CASES, Case
 from tests.integration.conftest import FAST, RunningWorker, run_worker
 from tests.tls_support import PKI, client_context, make_pki, serial_of, tls_connect
@@ -395,3 +396,32 @@ def test_server_context_names_each_problem(pki: PKI, tmp_path: Path) -> None:
         server_context(FAST.replace(tls_cert_file=missing, tls_key_file=missing, tls_client_ca_file=missing))
     assert len(str(both.value).splitlines()) == 3  # one line per problem
     assert server_context(FAST) is None
+
+
+def test_failed_handshakes_leave_no_connection_behind(tls_worker: RunningWorker, pki: PKI) -> None:
+    for _ in range(20):
+        with socket.create_connection((tls_worker.host, tls_worker.port), timeout=5) as plain:
+            plain.sendall(Q1)
+            try:
+                plain.recv(100)
+            except ConnectionResetError:
+                pass
+    deadline = time.monotonic() + 5
+    while tls_worker.call(lambda: tls_worker.worker.stats.closes.get("tls_error", 0)) < 20:
+        assert time.monotonic() < deadline, "the failed handshakes were not all reported"
+        time.sleep(0.02)
+    assert tls_worker.call(lambda: tls_worker.worker.conns.count) == 0  # each reported once, none left open
+    with tls_connect(tls_worker.host, tls_worker.port, client_context(pki)) as sock:
+        sock.sendall(Q1)
+        assert sock.recv(100) == A1
+
+
+@pytest.mark.parametrize("mode", ["churn", "pingpong"])
+def test_bench_speaks_tls(tls_worker: RunningWorker, pki: PKI, mode: str) -> None:
+    spec = LoadSpec(host=tls_worker.host, port=tls_worker.port, mode=mode, connections=4, duration=0.5,
+                    processes=1, tls=True, tls_ca=str(pki.ca[0]))  # fmt: skip
+    tally = run_load(spec)
+    assert tally.errors == 0, tally.error_kinds
+    assert tally.answers > 10
+    line = tls_worker.log.wait_for("connection_closed", lambda e: e.get("answered", 0) > 0)
+    assert line["tls_version"] == "TLSv1.3"
