@@ -339,7 +339,7 @@ class ProxiedTLSConnection(_TLSStage, ProxiedConnection):
         if self.tls is not None:
             Connection.data_received(self, data)
             return
-        if self.header is None or self.closing:  # only while lingering or closing: discard
+        if self.header is None or self.closing:  # closing (the TLS layer reads once the header is parsed)
             self.bytes_in += len(data)
             return
         # Hand _header_data the header's bytes only: what follows it is the ClientHello's start.
