@@ -17,12 +17,22 @@ from app.exits import Exit, Probe
 
 Command = Callable[[argparse.Namespace, Settings], int]
 if TYPE_CHECKING:
+    from app.tools.client import TLSOptions
+
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]  # noqa: SLF001 (argparse's own name for it)
 
 
 def _serve(_args: argparse.Namespace, settings: Settings) -> int:
     from app.server.master import serve_master  # noqa: PLC0415
 
+    if settings.tls_cert_file or settings.tls_key_file or settings.tls_client_ca_file:
+        from app.server.tls import server_context  # noqa: PLC0415 - only with TLS on
+
+        try:  # at boot, before any worker: a bad certificate is a configuration error (exit 2)
+            server_context(settings)
+        except ConfigError as exc:
+            print(f"configuration error:\n{exc}", file=sys.stderr)
+            return Exit.CONFIG
     return serve_master(settings)
 
 
@@ -46,14 +56,31 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
     return Exit.OK
 
 
+def _tls_options(args: argparse.Namespace, settings: Settings) -> TLSOptions | None:
+    """TLS for client and check: ``--tls`` or a server certificate in the environment (the container's own)."""
+    from app.tools.client import TLSOptions  # noqa: PLC0415
+
+    if not (args.tls or args.ca or args.cert or settings.tls_cert_file):
+        return None
+    return TLSOptions(
+        ca=args.ca or settings.tls_check_ca_file,
+        cert=args.cert or settings.tls_check_cert_file,
+        key=args.key or settings.tls_check_key_file,
+        server_name=args.server_name or "",
+    )
+
+
 def _client(args: argparse.Namespace, settings: Settings) -> int:
-    from app.tools.client import ZenClient, connect_host  # noqa: PLC0415
+    from app.tools.client import ZenClient, connect_host, tls_context  # noqa: PLC0415
 
     questions = [q.encode() for q in args.question] or [line.strip().encode() for line in sys.stdin if line.strip()]
     host = args.host or connect_host(settings.host)
     port = args.port or settings.port
+    options = _tls_options(args, settings)
     try:
-        with ZenClient(host, port, timeout=args.timeout) as client:
+        tls = None if options is None else tls_context(options)
+        name = None if options is None else options.server_name or None
+        with ZenClient(host, port, timeout=args.timeout, tls=tls, server_name=name) as client:
             for question in questions:
                 answer = client.ask(question)
                 print(answer.decode("utf-8", "backslashreplace"))
@@ -71,6 +98,8 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
         args.port or settings.port,
         timeout=args.timeout or settings.check_timeout,
         proxy_protocol=settings.proxy_protocol,
+        tls=_tls_options(args, settings),
+        min_days=settings.tls_expiry_warn_days if args.min_days is None else args.min_days,
     )
     print(message, file=sys.stdout if healthy else sys.stderr)
     return Probe.HEALTHY if healthy else Probe.UNHEALTHY
@@ -136,6 +165,7 @@ def _add_probe_commands(sub: Subparsers) -> None:
     p.add_argument("--host", help="server address (default: from HOST)")
     p.add_argument("--port", type=int, help="server port (default: from PORT)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
+    _add_tls_arguments(p)
     p.set_defaults(func=_client)
     p = sub.add_parser(
         "check", help=f"health probe: exit {Probe.HEALTHY:d} on the right answer, {Probe.UNHEALTHY:d} otherwise"
@@ -143,7 +173,20 @@ def _add_probe_commands(sub: Subparsers) -> None:
     p.add_argument("--host", help="server address (default: from HOST; a wildcard means loopback)")
     p.add_argument("--port", type=int, help="server port (default: from PORT)")
     p.add_argument("--timeout", type=float, help="seconds (default: CHECK_TIMEOUT)")
+    _add_tls_arguments(p)
+    p.add_argument(
+        "--min-days", type=float, help="over TLS: unhealthy below this many days to expiry (TLS_EXPIRY_WARN_DAYS)"
+    )
     p.set_defaults(func=_check)
+
+
+def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """--tls and its files; on by themselves when TLS_CERT_FILE is set (the server's own environment)."""
+    p.add_argument("--tls", action="store_true", help="speak TLS (default: on when TLS_CERT_FILE is set)")
+    p.add_argument("--ca", help="PEM CA to verify the server with (default: TLS_CHECK_CA_FILE; none: no verification)")
+    p.add_argument("--cert", help="PEM client certificate, for mutual TLS (default: TLS_CHECK_CERT_FILE)")
+    p.add_argument("--key", help="PEM key of --cert (default: TLS_CHECK_KEY_FILE)")
+    p.add_argument("--server-name", help="the name to ask for and verify (default: the host)")
 
 
 def _add_lab_commands(sub: Subparsers) -> None:

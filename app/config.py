@@ -39,6 +39,7 @@ LOG_FORMATS: Final = ("json", "console", "auto")
 PROXY_MODES: Final = ("off", "v1", "v2", "any")
 #: The event loops a worker can run (app.server.loops), as uvicorn's ``--loop``.
 LOOPS: Final = ("auto", "uvloop", "asyncio")
+TLS_VERSIONS: Final = ("1.2", "1.3")
 
 #: File descriptors a worker keeps for itself (listener, pipes, log, the
 #: interpreter's own) when ``MAX_CONNECTIONS`` is derived from RLIMIT_NOFILE.
@@ -224,6 +225,25 @@ class Settings:
         "comma-separated CIDRs of the load balancers; with PROXY_PROTOCOL on, other peers are closed at once",
         validate=_valid_cidrs,
     )
+    tls_cert_file: str = setting(
+        "", "PEM certificate chain; with TLS_KEY_FILE, the Zen port speaks TLS only (see docs/tls.md)"
+    )
+    tls_key_file: str = setting("", "PEM private key of TLS_CERT_FILE")
+    tls_client_ca_file: str = setting(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)"
+    )
+    tls_min_version: str = setting("1.2", "{choices}: the oldest TLS version accepted", choices=TLS_VERSIONS)
+    #: Why 14 days: a probe that starts failing two weeks before expiry
+    #: leaves a working fortnight to renew, and is still late enough not to
+    #: fire for a certificate renewed on the usual 30-days-before schedule.
+    tls_expiry_warn_days: int = setting(
+        14, "'check' fails when the server's certificate expires in fewer days", validate=Range(0, 3650)
+    )
+    tls_check_ca_file: str = setting(
+        "", "PEM CA bundle 'check' verifies the server's certificate with (default: no verification)"
+    )
+    tls_check_cert_file: str = setting("", "PEM client certificate 'check' presents (mutual TLS)")
+    tls_check_key_file: str = setting("", "PEM private key of TLS_CHECK_CERT_FILE")
     admin_port: int = setting(
         0, "port of the admin HTTP listener (/metrics, /healthz, /readyz); 0 = off", validate=Range(0, 65535)
     )

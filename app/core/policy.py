@@ -49,6 +49,7 @@ class CloseReason(enum.StrEnum):
     PROXY_UNTRUSTED = "proxy_untrusted"  #: PROXY protocol on, peer not in PROXY_TRUSTED
     PROXY_MISSING = "proxy_missing"  #: PROXY protocol on, the connection did not start with a header
     PROXY_INVALID = "proxy_invalid"  #: PROXY protocol on, a malformed or cut header
+    TLS_ERROR = "tls_error"  #: TLS on, a failed handshake or record (field ``tls_error``: the SSL error)
 
 
 class Next(enum.Enum):

@@ -126,6 +126,10 @@ class Worker:
         answers = zen.answers if metrics is None else metrics.counting_answers(self.stats)
         self.context = ConnectionContext.build(settings, self, self.stats, answers)
         self.connection_class = ProxiedConnection if self.context.proxy_versions else Connection
+        if settings.tls_cert_file or settings.tls_key_file:  # TLS: its own classes (re-reads the files)
+            from app.server import tls  # noqa: PLC0415 - only with TLS on
+
+            self.connection_class, _ = tls.connection_class(settings, bool(self.context.proxy_versions))
         self.limits = limits_of(settings)
         self.conns = Connections()
         self.acceptor = Acceptor(

@@ -91,6 +91,14 @@ class LoadSpec:
     duration: float = 5.0
     timeout: float = 5.0
     processes: int = 2
+    #: TLS: every connection shakes hands (a full handshake each: no session
+    #: resumption, so churn measures the handshake).  Paths, not a context:
+    #: a spec crosses to the load processes, a context cannot.
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_version: str = ""  # "1.2" or "1.3" pins it; empty: the best both sides have
 
 
 @dataclass
@@ -215,12 +223,14 @@ class Load:
         self.stopping = False
         self.stopped = asyncio.Event()
         self.progress = progress
+        self.ssl = tls_context_of(spec)
 
     async def connect(self) -> BenchConnection:
         loop = asyncio.get_running_loop()
+        tls: dict[str, Any] = {} if self.ssl is None else {"ssl": self.ssl, "server_hostname": "localhost"}
         async with asyncio.timeout(self.spec.timeout):
             _transport, conn = await loop.create_connection(
-                lambda: BenchConnection(self.tally), self.spec.host, self.spec.port
+                lambda: BenchConnection(self.tally), self.spec.host, self.spec.port, **tls
             )
         self.tally.connects += 1
         self.conns.add(conn)
@@ -324,6 +334,21 @@ class Load:
         for conn in list(self.conns):
             self.release(conn)
         return self.tally
+
+
+def tls_context_of(spec: LoadSpec) -> Any:
+    """The client ``ssl.SSLContext`` of ``spec`` (None without TLS); server name ``localhost`` when verifying."""
+    if not spec.tls:
+        return None
+    import ssl  # noqa: PLC0415
+
+    from app.tools.client import TLSOptions, tls_context  # noqa: PLC0415
+
+    ctx = tls_context(TLSOptions(ca=spec.tls_ca, cert=spec.tls_cert, key=spec.tls_key))
+    if spec.tls_version:
+        version = ssl.TLSVersion.TLSv1_3 if spec.tls_version == "1.3" else ssl.TLSVersion.TLSv1_2
+        ctx.minimum_version = ctx.maximum_version = version
+    return ctx
 
 
 def _run_loop(load: Load) -> Tally:
@@ -523,6 +548,12 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument("-p", "--processes", type=int, default=default_procs, help=f"load processes ({default_procs})")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tls", action="store_true", help="speak TLS (default: on when TLS_CERT_FILE is set)")
+    p.add_argument("--ca", default=settings.tls_check_ca_file, help="PEM CA to verify the server with (name localhost)")
+    p.add_argument("--cert", default=settings.tls_check_cert_file, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--key", default=settings.tls_check_key_file, help="PEM key of --cert")
+    p.add_argument("--tls-version", choices=("1.2", "1.3"), default="", help="pin the TLS version")
+    p.set_defaults(tls_default=bool(settings.tls_cert_file))
     return p
 
 
@@ -542,6 +573,11 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
         duration=args.duration,
         timeout=args.timeout,
         processes=args.processes,
+        tls=args.tls or args.tls_default or bool(args.cert) or bool(args.tls_version),
+        tls_ca=args.ca or "",
+        tls_cert=args.cert or "",
+        tls_key=args.key or "",
+        tls_version=args.tls_version,
     )
 
 

@@ -55,20 +55,28 @@ INNER_TIMEOUT = 1500  # the inner suites take about 2 minutes, pip well under on
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(INNER_TIMEOUT + 600)]
 
-# Copy the worktree without what belongs to the host's Python (its venv, caches, bytecode),
-# make a venv of the image's python3, install the project with its test tools, run pytest.
+# The system packages the inner suites use beside Python (as .ci/apt-packages.txt on the host):
+# openssl makes the TLS tests' certificates, gcc and make build bench/'s C programs, haproxy
+# runs the TLS offload and passthrough configurations.
+SYSTEM_PACKAGES = "openssl gcc make libc6-dev haproxy"
+# Install those from the rootfs's own apt mirror, copy the worktree without what belongs to the
+# host's Python (its venv, caches, bytecode, built docs and C programs), make a venv of the
+# image's python3, install the project with its test tools, run pytest.
 SCRIPT = r"""
 set -eu
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends PACKAGES >/dev/null
 mkdir /src
 tar -C /mnt/src --exclude=./.venv --exclude=./.git --exclude='*.egg-info' --exclude=__pycache__ \
-    --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache --exclude=.hypothesis -cf - . \
+    --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache --exclude=.hypothesis \
+    --exclude=./site --exclude=./bench/build -cf - . \
   | tar -C /src -xf -
 cd /src
 python3 -m venv /opt/venv
 /opt/venv/bin/pip install --quiet --disable-pip-version-check --editable '.[test]'
 /opt/venv/bin/python -c 'import sys; print("inner python", *sys.version_info[:3])'
 exec /opt/venv/bin/python -m pytest -p no:cacheprovider -q "$@"
-"""
+""".replace("PACKAGES", SYSTEM_PACKAGES)
 
 
 def test_unit_integration_and_system_suites_pass_on_python_313(
