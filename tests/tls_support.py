@@ -3,7 +3,7 @@
 All keys are ECDSA P-256.  A test CA signs the server's certificate
 (``localhost`` and ``127.0.0.1``) and a client's (CN ``client-1``); another
 CA signs a client the server must refuse; an expired client and an expired
-server certificate come from the test CA (``-days -1``: notAfter yesterday).
+server certificate come from the test CA (notAfter in the past).
 """
 
 from __future__ import annotations
@@ -42,8 +42,15 @@ def issue(ca: tuple[Path, Path], directory: Path, name: str, *, serial: int = 1,
     ext.write_text(_LEAF_EXT)
     _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", key, "-out", csr, "-subj", f"/CN={name}")  # fmt: skip
-    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-set_serial", str(serial),
-             "-days", str(days), "-extfile", ext, "-out", cert)  # fmt: skip
+    sign = ("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-set_serial", str(serial),
+            "-extfile", ext, "-out", cert)  # fmt: skip
+    if days >= 0:
+        _openssl(*sign, "-days", str(days))
+        return cert, key
+    try:  # OpenSSL 3.0-3.3 (Debian bookworm): a negative validity puts notAfter in the past
+        _openssl(*sign, "-days", str(days))
+    except subprocess.CalledProcessError:  # OpenSSL 3.4+ (Debian trixie) refuses it, but takes explicit dates
+        _openssl(*sign, "-not_before", "20200101000000Z", "-not_after", "20200102000000Z")
     return cert, key
 
 
