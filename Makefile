@@ -1,22 +1,34 @@
 # Two commands do everything on a fresh machine:
 #   make run    create .venv, install the project, run the server on its defaults
 #   make test   create .venv, install the project and its test tools, run ruff, mypy --strict,
-#               the import contracts, the strict documentation build, then pytest
+#               the import contracts, the strict documentation build, then pytest on the pure
+#               (editable) build, then the integration and system suites on the compiled build
+#               (.venv-compiled: `pip install .`, the hot modules compiled by mypyc; see setup.py)
 #   make docs   build the documentation site into site/ (make docs-serve: live on 127.0.0.1:8000)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The compiled build: a wheel install, rebuilt when any source changes.
+CVENV  ?= .venv-compiled
+CSTAMP := $(CVENV)/.installed
+SOURCES := $(shell find app -name '*.py') setup.py
 # Not -q: mkdocs --quiet also silences the warnings that --strict turns into a failure.
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 
-.PHONY: run test lint docs docs-serve bench clean
+.PHONY: run test test-pure test-compiled lint docs docs-serve bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+$(CSTAMP): pyproject.toml $(SOURCES)
+	$(PYTHON) -m venv $(CVENV)
+	$(CVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CVENV)/bin/python -m pip install --quiet '.[test]'
+	touch $(CSTAMP)
 
 run: $(STAMP)
 	$(PY) -m app serve
@@ -35,12 +47,22 @@ docs: $(STAMP)
 docs-serve: $(STAMP)
 	$(MKDOCS) serve --strict --dev-addr 127.0.0.1:8000
 
-test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: lint test-pure test-compiled
+
+test-pure: $(STAMP)
+	ZEN_EXPECT_BUILD=pure $(PY) -m pytest $(PYTEST_ARGS)
+
+# The installed compiled package must win over the source tree: PYTHONSAFEPATH keeps the working
+# directory off sys.path (here and in every `python -m app` the tests start), and `-p app` imports
+# the package before pytest puts the repository (tests/'s parent) on sys.path for `tests.*`.
+# tests/integration/test_build_loaded.py fails if the pure build ran instead.
+test-compiled: $(CSTAMP)
+	ZEN_EXPECT_BUILD=compiled PYTHONSAFEPATH=1 $(CVENV)/bin/pytest -p app -p no:cacheprovider \
+		tests/integration tests/system $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/run.py --write-docs $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache site
+	rm -rf $(VENV) $(CVENV) build .mypy_cache .pytest_cache .ruff_cache site
 	$(MAKE) -C bench clean

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from app.core import proxy, zen
 from app.core.policy import CloseReason, Limits, Next, after, overdue, progress
 from app.core.protocol import LONE_QUESTION, QuestionReader, printable
+from app.server.stats import Stats  # at run time: a compiled dataclass resolves its field types
 
 if TYPE_CHECKING:
     from app.config import Settings
-    from app.server.stats import Stats
 
 #: Answers written per batch before checking backpressure again; a batch of
 #: unknown-aphorism errors is at most 256 * 24 = 6 KiB.
