@@ -22,6 +22,7 @@ HOT_MODULES: Final = (
     "app.core.policy",
     "app.server.stats",
     "app.server.connection",
+    "app.server.worker",
 )
 
 COMPILED: Final = "compiled"
