@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make run    create .venv, install the project, run the server on its defaults
+#   make run    create .venv-compiled, install the project as a wheel (compiled), run the server
+#               on its defaults (make run-pure: the editable pure-Python install in .venv)
 #   make test   create .venv, install the project and its test tools, run ruff, mypy --strict,
 #               the import contracts, the strict documentation build, then pytest on the pure
 #               (editable) build, then the integration and system suites on the compiled build
@@ -16,7 +17,7 @@ SOURCES := $(shell find app -name '*.py') setup.py
 # Not -q: mkdocs --quiet also silences the warnings that --strict turns into a failure.
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 
-.PHONY: run test test-pure test-compiled lint docs docs-serve bench clean
+.PHONY: run run-pure test test-pure test-compiled lint docs docs-serve bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +31,12 @@ $(CSTAMP): pyproject.toml $(SOURCES)
 	$(CVENV)/bin/python -m pip install --quiet '.[test]'
 	touch $(CSTAMP)
 
-run: $(STAMP)
+# The shipped build: compiled (pure Python where no C compiler is found); PYTHONSAFEPATH keeps
+# the source tree off sys.path, and .env here is still read.  run-pure: the editable install.
+run: $(CSTAMP)
+	PYTHONSAFEPATH=1 $(CVENV)/bin/python -m app serve
+
+run-pure: $(STAMP)
 	$(PY) -m app serve
 
 lint: $(STAMP)
