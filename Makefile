@@ -40,8 +40,8 @@ run-pure: $(STAMP)
 	$(PY) -m app serve
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check app tests bench docs
-	$(VENV)/bin/ruff format --check app tests bench docs
+	$(VENV)/bin/ruff check app tests bench docs setup.py
+	$(VENV)/bin/ruff format --check app tests bench docs setup.py
 	$(VENV)/bin/mypy --strict
 	$(VENV)/bin/mypy --strict docs/hooks.py
 	$(VENV)/bin/lint-imports
