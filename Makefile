@@ -66,7 +66,7 @@ test-compiled: $(CSTAMP)
 	ZEN_EXPECT_BUILD=compiled PYTHONSAFEPATH=1 $(CVENV)/bin/pytest -p app -p no:cacheprovider \
 		tests/integration tests/system $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) $(CSTAMP)
 	$(PY) bench/run.py --write-docs $(BENCH_ARGS)
 
 clean:

@@ -474,8 +474,9 @@ def figures_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
     m, s = summary["machine"], summary["settings"]
     lines = [
         (
-            f"Measured {summary['date']} by `python bench/run.py --duration {s['duration']:g} --rounds {s['rounds']}"
-            f" --hold {s['hold']}` ({s['network']}): {m['cores']} cores, load average "
+            f"Measured {summary['date']} by `make bench` (`python bench/run.py --duration {s['duration']:g} "
+            f"--rounds {s['rounds']}"
+            f" --hold {s['hold']}`, {s['network']}): {m['cores']} cores, load average "
             f"{' / '.join(f'{x:g}' for x in m['load_average'])} before the run, Python {m['python']}, "
             f"uvloop {m['uvloop']}, Linux {m['kernel']}. Server on CPU 0, zenload on CPU 1; ratio: the server's "
             "CPU per request over zenref's, median of the rounds, each round measuring every server back to back; "
