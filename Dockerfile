@@ -43,11 +43,13 @@ COPY app ./app
 # An index other than PyPI, when the build host uses one (empty: PyPI).
 ARG PIP_INDEX_URL_OVERRIDE=""
 ARG ZEN_PURE_PYTHON=""
+# The last command prints which build was installed (PYTHONSAFEPATH: the
+# installed package, not the sources in this directory).
 RUN --mount=type=secret,id=pip_cert,required=false \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
        ${PIP_INDEX_URL_OVERRIDE:+--index-url "$PIP_INDEX_URL_OVERRIDE"} . \
-    && cd / && /opt/venv/bin/python -m app --version
+    && PYTHONSAFEPATH=1 /opt/venv/bin/python -m app --version
 
 FROM ${BASE_IMAGE}
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin zen
