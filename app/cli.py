@@ -1,5 +1,6 @@
 """Command line: argv -> subcommand.  No logic here; each command lives in its module.
 
+``--version`` names the release and the build (compiled or pure Python, :mod:`app.build`).
 Subcommands: serve (the default), config, client, check, lab, bench, compare, and the internal
 ``worker`` that the master starts.  Imports are lazy so that ``client`` and
 ``check`` start fast and never load the server.
@@ -8,10 +9,13 @@ Subcommands: serve (the default), config, client, check, lab, bench, compare, an
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import platform
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from app import build
 from app.config import ConfigError, Settings, load
 from app.exits import Exit, Probe
 
@@ -51,6 +55,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
 
     table = rows(settings)
     width = max(len(name) for name, _, _ in table)
+    print(f"{'build':<{width}}  {build.status():<16}  (zen-server {_release()}, Python {platform.python_version()})")
     for name, value, source in table:
         print(f"{name:<{width}}  {value!s:<16}  ({source})")
     return Exit.OK
@@ -68,6 +73,18 @@ def _tls_options(args: argparse.Namespace, settings: Settings) -> TLSOptions | N
         key=args.key or settings.tls_check_key_file,
         server_name=args.server_name or "",
     )
+
+
+def _release() -> str:
+    try:
+        return importlib.metadata.version("zen-server")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
+def _version() -> str:
+    """``zen-server 0.1.0 (compiled, Python 3.13.1)``: the release, which build, which interpreter."""
+    return f"zen-server {_release()} ({build.status()}, Python {platform.python_version()})"
 
 
 def _client(args: argparse.Namespace, settings: Settings) -> int:
@@ -130,12 +147,23 @@ def _compare(args: argparse.Namespace, settings: Settings) -> int:
     return compare_main(args.args, settings)
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, worked out only when asked (every probe parses argv; few ask this)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> None:
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m app``."""
     parser = argparse.ArgumentParser(
         prog="python -m app",
         description="Zen protocol server (one event-loop worker per core, uvloop when installed). "
         "Configured by environment variables: see 'python -m app config'.",
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, nargs=0, help="print the release and the build (compiled or pure Python)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_server_commands(sub)

@@ -1,4 +1,4 @@
-"""Benchmark: our server against the C reference server ``zenref``, in one run.
+"""Benchmark: our server, pure and compiled, against the C reference ``zenref`` and a minimal uvloop peer.
 
 Builds ``zenref`` and ``zenload`` from this folder (``make -C bench``, into
 ``bench/build``), then for each load mode and round runs every server, one
@@ -10,14 +10,21 @@ connection with 10,000 held connections.  Only ratios measured side by side
 mean anything on a shared machine: the ratio printed is the median of the
 rounds' ratios (zenref and the server ran back to back), with their range.
 
-``--also NAME=PATH`` measures another checkout of this project (a folder
-holding ``app/``, run as ``python -m app`` from there) in the same rounds,
-e.g. the code before and after a change.  ``--write-docs [FILE]`` puts the
+The servers, in every round: ``zenref``; ``minimal`` (``bench/minimal.py``,
+the best a featureless uvloop Protocol server does); ``ours`` (this
+checkout, pure Python, run by the interpreter running this script); and
+``compiled`` (the wheel install in ``.venv-compiled``, ``make
+.venv-compiled/.installed``, when it exists; ``--compiled VENV`` names
+another, ``--compiled ''`` skips it).  ``--also NAME=PATH`` measures another
+checkout of this project (a folder holding ``app/``, run as ``python -m app``
+from there) or another install (a venv: PATH holds ``bin/python``) in the
+same rounds, e.g. the code before and after a change.  ``--write-docs [FILE]`` puts the
 run's table between the figures markers of FILE (docs/performance.md) and
-its results beside it (FILE with ``.json``).
+its results beside it (FILE with ``.json``) and a plot of CPU per request by
+mode (FILE with ``.png``).
 
 Usage: python bench/run.py [--duration 8] [--rounds 5] [--modes pingpong,pipeline,churn] [--hold 10000]
-                           [--also NAME=PATH ...] [--write-docs [FILE]] [--host-network]
+                           [--compiled VENV] [--also NAME=PATH ...] [--write-docs [FILE]] [--host-network]
 Extra environment for the Python servers (e.g. ADMIN_PORT=9101) is passed through.
 
 Never: sends load anywhere but loopback (of the benchmark's own network
@@ -53,9 +60,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BUILD = HERE / "build"
 #: Ours over zenref's CPU per request that the project aims for, per mode.
-TARGETS = {"pingpong": 1.35, "pipeline": 2.5, "churn": 1.5}
+TARGETS = {"pingpong": 1.10, "pipeline": 1.5, "churn": 1.10}
 #: The RSS per idle connection the project aims for, in bytes.
-RSS_TARGET = 1536
+RSS_TARGET = 1300
+#: Names the script gives its own servers (--also takes others).
+RESERVED = {"zenref", "minimal", "ours", "compiled"}
+DEFAULT_COMPILED = REPO / ".venv-compiled"
 MODE_ARGS = {
     "pingpong": ["-m", "pingpong", "-c", "50"],
     "pipeline": ["-m", "pipeline", "-c", "50", "-D", "16"],
@@ -73,10 +83,11 @@ NETNS: list[str] = []
 
 @dataclass(frozen=True)
 class Server:
-    """A server to measure: zenref, or a checkout of this project (``app`` in ``path``)."""
+    """A server to measure: zenref, the minimal peer, a checkout (``app`` in ``path``) or a venv holding the package."""
 
     name: str
-    path: Path | None = None  # None: zenref
+    path: Path | None = None  # None: zenref or the minimal peer
+    venv: bool = False  # path is a venv with the package installed (run from outside any source tree)
 
 
 @dataclass
@@ -187,9 +198,18 @@ def tree_rss(pid: int) -> int:
 
 def start_server(server: Server, tools: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     """Start ``server`` on CPU 0 and wait until it listens on ``port``."""
-    if server.path is None:
+    if server.name == "zenref":
         cmd = [*NETNS, "taskset", "-c", "0", str(tools / "zenref"), "-p", str(port), "-t", "1"]
         cwd, env = REPO, dict(os.environ)
+    elif server.path is None:  # the minimal peer
+        cmd = [*NETNS, "taskset", "-c", "0", sys.executable, str(HERE / "minimal.py"), str(port)]
+        cwd, env = REPO, dict(os.environ)
+    elif server.venv:
+        # Its own interpreter, from a folder with no app/ and with PYTHONSAFEPATH: the installed package runs.
+        cmd = [*NETNS, "taskset", "-c", "0", str(server.path / "bin" / "python"), "-m", "app"]
+        cwd = server.path
+        env = {**os.environ, "PYTHONSAFEPATH": "1", "PORT": str(port), "WORKERS": "1",
+               "LOG_LEVEL": "info", "LOG_FORMAT": "json"}  # fmt: skip
     else:
         # The checkout's folder is the working directory: ``python -m`` puts it
         # first on sys.path, ahead of the editable install of this checkout.
@@ -293,9 +313,12 @@ def parse_also(values: list[str]) -> list[Server]:
     for value in values:
         name, sep, path = value.partition("=")
         folder = Path(path).expanduser().resolve()
-        if not sep or not name or name in {"zenref", "ours"} or not (folder / "app").is_dir():
-            raise ValueError(f"--also {value!r}: want NAME=PATH, PATH a folder holding app/, NAME not zenref/ours")
-        servers.append(Server(name, folder))
+        venv = (folder / "bin" / "python").exists()
+        if not sep or not name or name in RESERVED or not ((folder / "app").is_dir() or venv):
+            raise ValueError(
+                f"--also {value!r}: want NAME=PATH, PATH a folder holding app/ or a venv, NAME not {sorted(RESERVED)}"
+            )
+        servers.append(Server(name, folder, venv=venv))
     if len({s.name for s in servers}) < len(servers):
         raise ValueError("--also names must differ")
     return servers
@@ -309,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5, help="alternate the servers this many times; medians are kept")
     also = "also measure the checkout at PATH (a folder holding app/) as NAME; repeatable"
     parser.add_argument("--also", action="append", default=[], metavar="NAME=PATH", help=also)
+    compiled = "the venv of the compiled build, measured as 'compiled' ('': skip it)"
+    parser.add_argument("--compiled", type=Path, default=DEFAULT_COMPILED, metavar="VENV", help=compiled)
     docs = "put the figures between the markers of FILE (default docs/performance.md), the results beside it"
     page = REPO / "docs" / "performance.md"
     parser.add_argument("--write-docs", nargs="?", const=page, type=Path, metavar="FILE", help=docs)
@@ -320,9 +345,13 @@ def main() -> int:
     parser = build_parser()
     args = parser.parse_args()
     try:
-        args.servers = [Server("zenref"), Server("ours", REPO), *parse_also(args.also)]
+        args.servers = [Server("zenref"), Server("minimal"), Server("ours", REPO), *parse_also(args.also)]
     except ValueError as exc:
         parser.error(str(exc))
+    if str(args.compiled) not in {"", "."}:
+        if not (args.compiled / "bin" / "python").exists():
+            parser.error(f"no compiled build in {args.compiled}: make .venv-compiled/.installed, or --compiled ''")
+        args.servers.insert(3, Server("compiled", args.compiled.resolve(), venv=True))
     unknown = set(args.modes.split(",")) - set(MODE_ARGS)
     if unknown or args.rounds < 1:
         parser.error(f"unknown modes {sorted(unknown)} (or --rounds below 1)")
@@ -378,14 +407,18 @@ def machine_note() -> dict[str, Any]:
     }
 
 
-def server_figures(rounds: list[Result], ratios: list[float] | None) -> dict[str, Any]:
-    """One server's figures in one mode: the median round's, and its ratios to zenref."""
+def server_figures(
+    rounds: list[Result], ratios: list[float] | None, to_minimal: list[float] | None = None
+) -> dict[str, Any]:
+    """One server's figures in one mode: the median round's, its ratios to zenref and to the minimal peer."""
     median = sorted(rounds, key=lambda r: r.cpu_us)[len(rounds) // 2]
     figures: dict[str, Any] = {"cpu_us": round(median.cpu_us, 2), "rps": round(median.rps),
                                "p99_us": median.p99_us, "errors": sum(r.errors for r in rounds)}  # fmt: skip
     if ratios is not None:
         figures |= {"ratio": round(statistics.median(ratios), 3), "ratio_min": round(min(ratios), 3),
                     "ratio_max": round(max(ratios), 3), "round_ratios": [round(x, 3) for x in ratios]}  # fmt: skip
+    if to_minimal is not None:
+        figures["vs_minimal"] = round(statistics.median(to_minimal), 3)
     return figures
 
 
@@ -394,10 +427,16 @@ def summarize(result: Run, modes: list[str], args: argparse.Namespace) -> dict[s
     per_mode: dict[str, Any] = {}
     for mode in modes:
         refs = result.rounds[("zenref", mode)]
+        minimal = result.rounds.get(("minimal", mode))
         servers = {}
         for server in result.servers:
             rounds = result.rounds[(server.name, mode)]
-            servers[server.name] = server_figures(rounds, None if server.path is None else pair_ratios(refs, rounds))
+            ours = server.path is not None
+            servers[server.name] = server_figures(
+                rounds,
+                None if server.name == "zenref" else pair_ratios(refs, rounds),
+                pair_ratios(minimal, rounds) if ours and minimal else None,
+            )
         per_mode[mode] = {"target": TARGETS[mode], "servers": servers}
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -410,13 +449,14 @@ def summarize(result: Run, modes: list[str], args: argparse.Namespace) -> dict[s
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    head = ("mode", "server", "req/s", "cpu us/req", "p99 us", "errors", "ratio", "target", "rounds")
-    print("{:<9} {:<10} {:>10} {:>11} {:>8} {:>6} {:>6} {:>6}  {}".format(*head))
+    head = ("mode", "server", "req/s", "cpu us/req", "p99 us", "errors", "ratio", "target", "rounds", "vs minimal")
+    print("{:<9} {:<10} {:>10} {:>11} {:>8} {:>6} {:>6} {:>6}  {:<9}  {}".format(*head))
     for mode, entry in summary["modes"].items():
         for name, f in entry["servers"].items():
             tail = ""
             if "ratio" in f:
                 tail = f"{f['ratio']:>6.2f} {entry['target']:>6.2f}  {f['ratio_min']:.2f}-{f['ratio_max']:.2f}"
+                tail += f"  {f['vs_minimal']:>9.2f}" if "vs_minimal" in f else ""
             print(f"{mode:<9} {name:<10} {f['rps']:>10.0f} {f['cpu_us']:>11.2f} {f['p99_us']:>8.0f} "
                   f"{f['errors']:>6} {tail}")  # fmt: skip
     rss = summary["rss_per_idle_connection"]
@@ -429,20 +469,26 @@ def print_table(summary: dict[str, Any]) -> None:
 # -- the docs page --------------------------------------------------------------------------
 
 
-def figures_markdown(summary: dict[str, Any]) -> str:
+def figures_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
     """The run as Markdown: how it was made, CPU per request and ratios, memory per idle connection."""
     m, s = summary["machine"], summary["settings"]
     lines = [
         (
-            f"Measured {summary['date']} by `python bench/run.py --duration {s['duration']:g} --rounds {s['rounds']}"
-            f" --hold {s['hold']}` ({s['network']}): {m['cores']} cores, load average "
+            f"Measured {summary['date']} by `make bench` (`python bench/run.py --duration {s['duration']:g} "
+            f"--rounds {s['rounds']}"
+            f" --hold {s['hold']}`, {s['network']}): {m['cores']} cores, load average "
             f"{' / '.join(f'{x:g}' for x in m['load_average'])} before the run, Python {m['python']}, "
             f"uvloop {m['uvloop']}, Linux {m['kernel']}. Server on CPU 0, zenload on CPU 1; ratio: the server's "
-            "CPU per request over zenref's, median of the rounds, each round measuring both back to back."
+            "CPU per request over zenref's, median of the rounds, each round measuring every server back to back; "
+            "vs minimal: the same over the minimal uvloop peer's (below 1: cheaper than it)."
         ),
         "",
-        "| mode | server | zenref CPU/req | server CPU/req | ratio | rounds' range | target | req/s | p99 | errors |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        *([f"![Server CPU per request by mode and server]({plot})", ""] if plot else []),
+        (
+            "| mode | server | zenref CPU/req | server CPU/req | ratio | rounds' range | target | req/s | p99 | errors "
+            "| vs minimal |"
+        ),
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for mode, entry in summary["modes"].items():
         ref = entry["servers"]["zenref"]
@@ -452,7 +498,7 @@ def figures_markdown(summary: dict[str, Any]) -> str:
             lines.append(
                 f"| {mode} | {name} | {ref['cpu_us']:.2f} us | {f['cpu_us']:.2f} us | {f['ratio']:.2f} | "
                 f"{f['ratio_min']:.2f}-{f['ratio_max']:.2f} | {entry['target']:.2f} | {f['rps']:,} | "
-                f"{f['p99_us']:,.0f} us | {f['errors']} |"
+                f"{f['p99_us']:,.0f} us | {f['errors']} | {f.get('vs_minimal', '')} |"
             )
     rss = summary["rss_per_idle_connection"]
     if rss:
@@ -470,9 +516,35 @@ def replace_figures(text: str, figures: str) -> str:
 
 
 def write_docs(page: Path, summary: dict[str, Any]) -> None:
-    """Put the figures into ``page`` and the results JSON beside it (same name, ``.json``)."""
-    page.write_text(replace_figures(page.read_text(), figures_markdown(summary)))
+    """Put the figures into ``page``, the results JSON (``.json``) and the plot (``.png``) beside it."""
+    plot = page.with_suffix(".png")
+    write_plot(plot, summary)
+    page.write_text(replace_figures(page.read_text(), figures_markdown(summary, plot.name)))
     page.with_suffix(".json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+
+
+def write_plot(path: Path, summary: dict[str, Any]) -> None:
+    """Grouped bars: server CPU microseconds per request, by mode, one bar per server."""
+    import matplotlib as mpl  # noqa: PLC0415 - only --write-docs needs it
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    modes = list(summary["modes"])
+    names = list(summary["modes"][modes[0]]["servers"])
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    for i, name in enumerate(names):
+        values = [summary["modes"][mode]["servers"][name]["cpu_us"] for mode in modes]
+        bars = ax.bar([m + (i - (len(names) - 1) / 2) * width for m in range(len(modes))], values, width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(modes)), modes)
+    ax.set_ylabel("server CPU per request (us)")
+    ax.set_title(f"CPU per request, median round ({summary['date']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
 
 
 if __name__ == "__main__":

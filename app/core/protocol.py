@@ -32,7 +32,6 @@ _QUESTION: Final = re.compile(rb"[ \t\r\n]*+([^?]*+\?)")
 #: ``feed(chunk)`` would give ``[chunk]`` and keep nothing, so an I/O layer
 #: may answer it without a reader (one C call instead of the reader's frames).
 LONE_QUESTION: Final = re.compile(rb"(?:[^ \t\r\n?][^?]*+)?\?")
-_lone_question = LONE_QUESTION.fullmatch
 
 
 class QuestionReader:
@@ -76,7 +75,7 @@ class QuestionReader:
     def feed(self, data: bytes, limit: int = 1 << 30) -> list[bytes]:
         """:meth:`receive_data` then :meth:`next_questions`, in one call (the hot path)."""
         if data and not self._buf and not self.too_long and not self.eof:
-            if _lone_question(data) and len(data) <= self.max_size and limit > 0:
+            if LONE_QUESTION.fullmatch(data) and len(data) <= self.max_size and limit > 0:
                 return [data]  # exactly one question, nothing held: nothing to keep
             self._buf = data
         else:

@@ -6,7 +6,6 @@ Never: touches sockets, clocks, buffers or framing; that is ``protocol.py``.
 
 from __future__ import annotations
 
-from itertools import repeat
 from typing import Final
 
 #: The book's three aphorisms stay exactly as chapter 7 prints them; the rest
@@ -28,20 +27,14 @@ TOO_LONG: Final = b"Error: request too long."
 PROBE_QUESTION: Final = b"Beautiful is better than?"
 PROBE_ANSWER: Final = APHORISMS[PROBE_QUESTION]
 
-_get = APHORISMS.get
-
 
 def answer(question: bytes) -> bytes:
     """Return the answer to one complete question (ending in ``?``)."""
-    return _get(question, UNKNOWN)
+    return APHORISMS.get(question, UNKNOWN)
 
 
 def answers(questions: list[bytes]) -> bytes:
-    """Return the concatenated answers to ``questions``, in order (the hot path).
-
-    One question (the usual case) is a dict lookup; several go through a
-    C-level map, five times cheaper per question than a comprehension.
-    """
+    """Return the concatenated answers to ``questions``, in order (the hot path)."""
     if len(questions) == 1:
-        return _get(questions[0], UNKNOWN)
-    return b"".join(map(_get, questions, repeat(UNKNOWN, len(questions))))
+        return APHORISMS.get(questions[0], UNKNOWN)
+    return b"".join([APHORISMS.get(question, UNKNOWN) for question in questions])

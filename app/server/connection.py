@@ -32,27 +32,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from app.core import proxy, zen
 from app.core.policy import CloseReason, Limits, Next, after, overdue, progress
 from app.core.protocol import LONE_QUESTION, QuestionReader, printable
+from app.server.stats import Stats  # at run time: a compiled dataclass resolves its field types
 
 if TYPE_CHECKING:
     from app.config import Settings
-    from app.server.stats import Stats
 
 #: Answers written per batch before checking backpressure again; a batch of
 #: unknown-aphorism errors is at most 256 * 24 = 6 KiB.
 ANSWER_BATCH: Final = 256
 
-# The close reasons, bound once: an enum member is a slower lookup than a
-# module global, and some of these are read once per connection.
-_EOF: Final = CloseReason.EOF
-_RESET: Final = CloseReason.RESET
-_TOO_LONG: Final = CloseReason.TOO_LONG
-_OVER_CAPACITY: Final = CloseReason.OVER_CAPACITY
-
-_monotonic = time.monotonic
-_lone_question = LONE_QUESTION.fullmatch
 #: The extra fields of a connection's close line, when there are none (shared, never changed).
 _NO_FIELDS: Final[dict[str, Any]] = {}
 
@@ -128,6 +121,9 @@ class ConnectionContext:
         )
 
 
+# Compiled by mypyc, these classes still take interpreted subclasses: app.server.tls's
+# TLS stages are plain Python (they drive uvloop's SSLProtocol, which mypyc cannot type).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Connection(asyncio.Protocol):
     """The I/O shell of one client connection."""
 
@@ -151,7 +147,7 @@ class Connection(asyncio.Protocol):
         self.transport: Any = None
         self.reader: QuestionReader | None = None  # see the module's "Memory"
         self.answered = self.bytes_in = self.bytes_out = 0
-        self.opened = self.last_rx = _monotonic()
+        self.opened = self.last_rx = time.monotonic()
         # The idle clock: last progress (bytes of a question, or answers).
         # Whitespace alone does not restart it: it is skipped before a
         # question, so a client trickling newlines would hold a connection for ever.
@@ -166,25 +162,27 @@ class Connection(asyncio.Protocol):
         high, low = ctx.write_limits
         transport.set_write_buffer_limits(high, low)
         if not ctx.host.connection_made(self):
-            self.closing = _OVER_CAPACITY
+            self.closing = CloseReason.OVER_CAPACITY
             transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.last_rx = now = _monotonic()
+        self.last_rx = time.monotonic()
         if self.closing:
             return  # lingering: discard
-        if self.reader is None and _lone_question(data) and len(data) <= self.ctx.max_question and not self.paused:
+        if (
+            self.reader is None
+            and LONE_QUESTION.fullmatch(data)
+            and len(data) <= self.ctx.max_question
+            and not self.paused
+        ):
             # The usual read: one whole question, and nothing held (see
-            # protocol.LONE_QUESTION).  Its clocks are set inline (what
-            # policy.progress gives for an answer and nothing left): this is
-            # the hot path, and inline is one call fewer per request.
+            # protocol.LONE_QUESTION): answered without a reader.
             out = self.ctx.answers([data])
             self.transport.write(out)
             self.bytes_out += len(out)
             self.answered += 1
-            self.active = now
-            self.started_at = None
+            self._progressed(1, partial=False)
             return
         self._answer(data)
 
@@ -215,11 +213,15 @@ class Connection(asyncio.Protocol):
         elif self.reader is not None:
             self.reader = None  # it holds nothing: the spare serves next time
         self.answered += answered
-        if answered or partial:  # progress: answers, or bytes of a question
-            now = self.active = self.last_rx
-            self.started_at = progress(now, answered, partial, self.started_at)
+        if answered or partial:
+            self._progressed(answered, partial=partial)
         if done and not self.paused:
             self._finish(reader)
+
+    def _progressed(self, answered: int, *, partial: bool) -> None:
+        """Progress in the last read (answers, or bytes of a question): the idle and request clocks move."""
+        self.active = self.last_rx
+        self.started_at = progress(self.last_rx, answered, partial, self.started_at)
 
     def _finish(self, reader: QuestionReader) -> None:
         """After the last answer: "too long" and a lingering close, or the end of stream."""
@@ -228,13 +230,13 @@ class Connection(asyncio.Protocol):
             self.bytes_out += len(zen.TOO_LONG)
             self._linger()
         else:
-            self.close(_EOF)
+            self.close(CloseReason.EOF)
 
     def eof_received(self) -> bool:
-        if self.closing is _TOO_LONG:  # lingering
+        if self.closing is CloseReason.TOO_LONG:  # lingering
             return False  # the client is done: close now
         if self.reader is None:  # nothing held, so nothing left to answer
-            self.close(_EOF)
+            self.close(CloseReason.EOF)
             return True
         self.reader.receive_data(b"")
         self._answer()
@@ -249,7 +251,7 @@ class Connection(asyncio.Protocol):
         # The client reads again: progress.  While paused, the unread input
         # waited on us, not on the client, so the request clock restarts too.
         self.paused = False
-        self.last_rx = _monotonic()
+        self.last_rx = time.monotonic()
         if self.started_at is not None and not self.closing:  # (closing: the lingering clock)
             self.started_at = self.last_rx
         self._answer()
@@ -260,13 +262,13 @@ class Connection(asyncio.Protocol):
         """Close after the queued answers are sent."""
         if not self.closing:
             self.closing = reason
-            self.last_rx = _monotonic()
+            self.last_rx = time.monotonic()
             self.transport.close()
 
     def _linger(self) -> None:
         """Send what is queued and a FIN, then discard input until the client is done (policy.LINGER_QUIET)."""
-        self.closing = _TOO_LONG
-        self.started_at = self.last_rx = _monotonic()  # now the lingering clock
+        self.closing = CloseReason.TOO_LONG
+        self.started_at = self.last_rx = time.monotonic()  # now the lingering clock
         self.transport.write_eof()
 
     def expire(self, reason: CloseReason) -> None:
@@ -279,7 +281,7 @@ class Connection(asyncio.Protocol):
     @property
     def lingering(self) -> bool:
         """True in the lingering close after "request too long" (its clock: :attr:`started_at`)."""
-        return self.closing is _TOO_LONG
+        return self.closing is CloseReason.TOO_LONG
 
     def abort(self, reason: CloseReason) -> None:
         """Close now, dropping unsent answers."""
@@ -298,7 +300,7 @@ class Connection(asyncio.Protocol):
             started_at=self.started_at,
             active=self.active,
             last_rx=self.last_rx,
-            lingering=closing is _TOO_LONG,
+            lingering=closing is CloseReason.TOO_LONG,
             closing=closing is not None,
             paused=self.paused,
         )
@@ -316,9 +318,9 @@ class Connection(asyncio.Protocol):
             self.close(CloseReason.SHUTDOWN)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        reason = self.closing or (_RESET if exc is not None else _EOF)
+        reason = self.closing or (CloseReason.RESET if exc is not None else CloseReason.EOF)
         fields = _NO_FIELDS
-        if self.reader is not None and reason is not _TOO_LONG:
+        if self.reader is not None and reason is not CloseReason.TOO_LONG:
             partial = self.reader.partial
             if partial:
                 fields = {"unfinished": printable(partial)}
@@ -334,8 +336,6 @@ class Connection(asyncio.Protocol):
             address = self.transport.get_extra_info("peername")
         except Exception:  # noqa: BLE001 - a transport that cannot say: the line still goes out
             return "unknown"
-        if type(address) is tuple and ":" not in address[0]:
-            return f"{address[0]}:{address[1]}"  # IPv4, the usual case, without format_peer's call
         return format_peer(address)
 
     @property
@@ -348,6 +348,7 @@ class Connection(asyncio.Protocol):
         return not self.partial and not self.paused and self.transport.get_write_buffer_size() == 0
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ProxiedConnection(Connection):
     """A connection from a load balancer: a PROXY header stage, then the questions.
 
@@ -389,7 +390,7 @@ class ProxiedConnection(Connection):
 
     def _header_data(self, data: bytes) -> None:
         buf = self.header + data if self.header else data
-        self.last_rx = _monotonic()
+        self.last_rx = time.monotonic()
         try:
             header = proxy.parse_header(buf, self.ctx.proxy_versions)
         except proxy.ProxyHeaderError as exc:
@@ -429,13 +430,13 @@ class ProxiedConnection(Connection):
         return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        reason = self.closing or (_RESET if exc is not None else _EOF)
+        reason = self.closing or (CloseReason.RESET if exc is not None else CloseReason.EOF)
         fields: dict[str, Any] = {}
         if self.via is not None:
             fields["via"] = self.via
         if self.proxy_error is not None:
             fields["proxy_error"] = self.proxy_error
         partial = self.header or self.partial
-        if partial and reason is not _TOO_LONG:
+        if partial and reason is not CloseReason.TOO_LONG:
             fields["unfinished"] = printable(partial)
         self.ctx.host.connection_lost(self, reason, fields)

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from app import build
 from app.config import Settings
 from app.exits import Exit
 from app.logsink import LogSink
@@ -274,7 +275,7 @@ class Master:
             "master_started",
             pid=os.getpid(), host=s.host, port=self.port, workers=s.workers,
             backlog=s.backlog, max_connections=s.max_connections,
-            rlimit_nofile=_nofile(),
+            rlimit_nofile=_nofile(), build=build.status(),
         )  # fmt: skip
         sup.start(s.workers)
         while not sup.done:

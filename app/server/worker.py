@@ -50,11 +50,6 @@ TICK_DRAINING: Final = 0.05
 #: Removed connections the list may hold beyond half of it (``Connections``).
 COMPACT_SLACK: Final = 64
 
-# Bound once: an enum member is a slower lookup than a module global, and this one is read per close.
-_OVER_CAPACITY: Final = CloseReason.OVER_CAPACITY
-
-_monotonic = time.monotonic
-
 
 class Connections:
     """A worker's open connections: a list with lazy removal.
@@ -161,7 +156,7 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.acceptor.start()
-        self._sweep_due = _monotonic() + self._tick
+        self._sweep_due = time.monotonic() + self._tick
         self.loop.call_later(self._tick, self._sweep)
         self.log.info("worker_ready", max_connections=self.settings.max_connections, loop=loops.name_of(self.loop))
         if self.on_ready is not None:
@@ -173,14 +168,14 @@ class Worker:
         self.acceptor.close()
         self.draining = True
         await asyncio.sleep(0)  # connection_made of what libuv accepted last is already queued
-        deadline = _monotonic() + self.settings.graceful_timeout
+        deadline = time.monotonic() + self.settings.graceful_timeout
         self.log.info("worker_draining", connections=self.conns.count)
         # ``pending``: accepted (the final accept above takes the whole queue)
         # but not wrapped yet; leaving now would close them unanswered.
-        while (self.conns.count or self.acceptor.pending) and not self._quit and _monotonic() < deadline:
+        while (self.conns.count or self.acceptor.pending) and not self._quit and time.monotonic() < deadline:
             assert self._stop is not None
             self._stop.clear()
-            now, quiet = _monotonic(), self.settings.drain_quiet
+            now, quiet = time.monotonic(), self.settings.drain_quiet
             for conn in self.conns:
                 conn.close_if_quiet(now, quiet)
             try:
@@ -216,7 +211,7 @@ class Worker:
     def connection_lost(self, conn: Connection, reason: CloseReason, fields: dict[str, Any]) -> None:
         """Count and log ``conn``'s close; resume or switch accepting if that made room."""
         peer = conn.peer()  # before remove() lets go of the transport
-        if reason is not _OVER_CAPACITY:  # those were never added
+        if reason is not CloseReason.OVER_CAPACITY:  # those were never added
             self.conns.remove(conn)
         # The value as a plain str: orjson renders only exact str as a dict
         # key (``closes`` in the summary), and renders it faster as a value.
@@ -224,7 +219,7 @@ class Worker:
         stats = self.stats
         stats.answered += conn.answered
         stats.closes[label] = stats.closes.get(label, 0) + 1
-        elapsed = _monotonic() - conn.opened
+        elapsed = time.monotonic() - conn.opened
         if self.metrics is not None:
             self.metrics.connection_closed(elapsed)
         line = {
@@ -248,7 +243,7 @@ class Worker:
     def _sweep(self) -> None:
         """Periodic: timeouts, stalled closes, the parent's death, the metrics."""
         assert self.loop is not None
-        now = _monotonic()
+        now = time.monotonic()
         self.expire_overdue(now)
         if self.parent_pid is not None and os.getppid() != self.parent_pid and not self.draining:
             self.log.warning("parent_died", parent=self.parent_pid)

@@ -88,6 +88,8 @@ def test_image_runs_answers_is_healthy_and_drains_on_stop(podman: PodmanCli, ima
     )
     assert (ready["host"], ready["port"], ready["workers"]) == ("0.0.0.0", port, 2)  # the image's HOST default
     assert podman.run("exec", name, "id", "-u").stdout.strip() == "10001"  # not root
+    # The image ships the compiled build (the builder stage has a C compiler; the final one none).
+    assert "(compiled, Python " in podman.run("exec", name, "python", "-m", "app", "--version").stdout
     version = podman.run("exec", name, "python", "-c", "import sys; print(*sys.version_info[:2])").stdout.split()
     assert tuple(map(int, version)) == SUITES[suite]  # the venv runs the base image's Python
 

@@ -69,7 +69,7 @@ def test_dockerfile_default_base_is_a_tested_python() -> None:
 def test_dockerignore_keeps_the_context_to_the_package() -> None:
     rules = [ln for ln in (REPO / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     assert rules[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!app/"} <= set(rules)
+    assert {"!pyproject.toml", "!README.md", "!setup.py", "!app/"} <= set(rules)  # setup.py: the compiled build
 
 
 def test_systemd_unit_verifies_without_a_word(tmp_path: Path) -> None:

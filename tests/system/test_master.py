@@ -14,6 +14,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 
+from app import build
 from app.core import zen
 from app.exits import Exit, Probe
 from app.tools.client import ZenClient
@@ -65,6 +66,7 @@ def test_serves_on_every_worker_and_the_books_client_works() -> None:
         started = server.find("master_started")[0]
         assert started["rlimit_nofile"] > 0
         assert started["max_connections"] > 0
+        assert started["build"] == build.status()  # compiled, or pure Python: the build under test
         server.signal(signal.SIGTERM)
         assert server.wait() == Exit.OK
 

@@ -173,3 +173,26 @@ def test_also_takes_name_equals_a_checkout(tmp_path: Path) -> None:
             run_script.parse_also([bad])
     with pytest.raises(ValueError, match="differ"):
         run_script.parse_also([f"a={tmp_path}", f"a={tmp_path}"])
+
+
+def test_also_takes_an_installed_venv_and_reserves_the_scripts_own_names(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").touch()
+    [server] = run_script.parse_also([f"wheel={tmp_path}"])
+    assert (server.name, server.path, server.venv) == ("wheel", tmp_path.resolve(), True)
+    for reserved in ("minimal", "compiled", "zenref"):
+        with pytest.raises(ValueError, match="NAME=PATH"):
+            run_script.parse_also([f"{reserved}={tmp_path}"])
+
+
+def test_figures_show_the_plot_and_the_ratio_to_the_minimal_peer() -> None:
+    summary = json.loads(json.dumps(SUMMARY))
+    summary["modes"]["pingpong"]["servers"]["ours"]["vs_minimal"] = 0.93
+    table = run_script.figures_markdown(summary, "performance.png")
+    assert "![Server CPU per request by mode and server](performance.png)" in table
+    assert "| 2,500 us | 0 | 0.93 |" in table
+
+
+def test_the_plot_is_written(tmp_path: Path) -> None:
+    run_script.write_plot(tmp_path / "plot.png", SUMMARY)
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
