@@ -341,7 +341,10 @@ def serve_worker_process(settings: Settings, *, fd: int, slot: int, ready_fd: in
 
         metrics = WorkerMetrics(settings)
     worker = build_worker(settings, sock, slot=slot, on_ready=beat.start, parent_pid=parent_pid, metrics=metrics)
-    beat.answered = lambda: worker.stats.answered + sum(c.answered for c in worker.conns)
+    # Recycling counts failed TLS handshakes as work done too: each leaves memory behind in
+    # uvloop's SSL layer (docs/tls.md), so MAX_REQUESTS bounds that as it bounds the rest.
+    stats = worker.stats
+    beat.answered = lambda: stats.answered + stats.closes.get("tls_error", 0) + sum(c.answered for c in worker.conns)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

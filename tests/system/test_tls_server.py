@@ -317,3 +317,24 @@ def test_hup_with_a_broken_certificate_keeps_the_old_workers(pki: PKI, files: tu
         server.wait_event("reload_failed", lambda e: e is not first, start=mark)  # one per worker slot
         assert all(psutil.pid_exists(pid) for pid in old)
         assert book_over_tls(server.port, client_context(pki)) == 1001  # still served, old certificate
+
+
+def test_failed_handshakes_count_toward_recycling(pki: PKI) -> None:
+    # Each failed handshake leaves memory behind in uvloop's SSL layer (docs/tls.md): with
+    # MAX_REQUESTS they count toward a worker's recycling, so a flood of them ends in a fresh worker.
+    env = tls_env(pki.server, WORKERS="1", MAX_REQUESTS="40", MAX_REQUESTS_JITTER="0")
+    with start_server(env) as server:
+        first = set(server.worker_pids().values())
+        for _ in range(60):  # plain text on a TLS port: each one a tls_error, none answered
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(b"Beautiful is better than?")
+                try:
+                    while sock.recv(4096):
+                        pass
+                except OSError:
+                    pass
+        recycled = server.wait_event("worker_recycling", timeout=20)
+        assert recycled["pid"] in first
+        server.wait_event("worker_exited", pid_is(recycled["pid"]), timeout=30)
+        assert book_over_tls(server.port, client_context(pki)) > 0  # the successor answers all three
+        assert not set(server.worker_pids().values()) & first
