@@ -65,6 +65,7 @@ class PKI:
     """The test certificates (each a (certificate, key) pair of paths)."""
 
     ca: tuple[Path, Path]
+    other_ca: tuple[Path, Path]
     server: tuple[Path, Path]
     client: tuple[Path, Path]
     other_client: tuple[Path, Path]
@@ -77,6 +78,7 @@ def make_pki(directory: Path) -> PKI:
     other = make_ca(directory, "other-ca")
     return PKI(
         ca=ca,
+        other_ca=other,
         server=issue(ca, directory, "localhost", serial=1001),
         client=issue(ca, directory, "client-1", serial=2001),
         other_client=issue(other, directory, "intruder", serial=3001),

@@ -186,7 +186,9 @@ def test_check_over_tls_is_the_containers_health_check(pki: PKI) -> None:
         assert 29 < expiry_days(check.stdout) <= 30  # the test certificates last 30 days
         verified = run_app({**env, **port, "TLS_CHECK_CA_FILE": str(pki.ca[0])}, "check")
         assert verified.returncode == Probe.HEALTHY, verified.stderr
-        wrong_ca = run_app({**env, **port, "TLS_CHECK_CA_FILE": str(pki.server[0])}, "check")
+        # Another CA (not the server's own certificate: Python 3.13 trusts a leaf named as the
+        # CA file, its default VERIFY_X509_PARTIAL_CHAIN).
+        wrong_ca = run_app({**env, **port, "TLS_CHECK_CA_FILE": str(pki.other_ca[0])}, "check")
         assert wrong_ca.returncode == Probe.UNHEALTHY
         assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.stderr
         soon = run_app({**env, **port, "TLS_EXPIRY_WARN_DAYS": "45"}, "check")
@@ -257,7 +259,8 @@ def _closed_count(server: ServerProcess) -> int:
 #: A pending handshake holds OpenSSL's record buffers (about 40 KiB, allocated
 #: at the first read) besides the connection: bounded per connection, and so
 #: by MAX_CONNECTIONS; a client that never finishes is closed at REQUEST_TIMEOUT.
-PER_HANDSHAKE = 64 * 1024
+#: Measured: about 56 KiB a handshake on Python 3.11 (OpenSSL 3.0), 65 KiB on 3.13 (OpenSSL 3.5).
+PER_HANDSHAKE = 96 * 1024
 
 
 def test_bad_input_is_bounded_and_a_good_client_is_still_served(pki: PKI) -> None:
