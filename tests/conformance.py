@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from app.core import zen
 
@@ -85,7 +86,13 @@ def _send(sock: socket.socket, step: Step) -> threading.Thread | None:
     return None
 
 
-def recv_exactly(sock: socket.socket, count: int) -> bytes:
+class Receiver(Protocol):
+    """Anything with a socket's ``recv``: a socket, or test_tls's stream over a TLS object."""
+
+    def recv(self, bufsize: int, /) -> bytes: ...
+
+
+def recv_exactly(sock: Receiver, count: int) -> bytes:
     """Read ``count`` bytes (fewer only if the server closes first)."""
     data = b""
     while len(data) < count:
@@ -96,7 +103,7 @@ def recv_exactly(sock: socket.socket, count: int) -> bytes:
     return data
 
 
-def recv_until_eof(sock: socket.socket, limit: int = 1 << 20) -> bytes:
+def recv_until_eof(sock: Receiver, limit: int = 1 << 20) -> bytes:
     """Read until the server closes; raises on timeout."""
     data = b""
     while len(data) <= limit:

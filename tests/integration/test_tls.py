@@ -19,7 +19,7 @@ from app.core import proxy
 from app.server.connection import Connection
 from app.server.tls import ProxiedTLSConnection, TLSConnection, server_context
 from app.tools.bench import LoadSpec, run_load
-from tests.conformance import _EOF_EXPECT, CASES, Case
+from tests.conformance import _EOF_EXPECT, CASES, Case, recv_exactly, recv_until_eof
 from tests.integration.conftest import FAST, RunningWorker, run_worker
 from tests.tls_support import PKI, client_context, make_pki, serial_of, tls_connect
 
@@ -215,23 +215,6 @@ class TLSStream:
         self.sock.close()
 
 
-def _recv_exactly(stream: TLSStream, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = stream.recv(count - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def _recv_until_eof(stream: TLSStream) -> bytes:
-    data = b""
-    while chunk := stream.recv(65536):
-        data += chunk
-    return data
-
-
 def check_case_tls(host: str, port: int, ctx: ssl.SSLContext, case: Case) -> None:
     """``tests.conformance.check_case`` over TLS: the same steps, sent whole (one thread owns the TLS state)."""
     stream = TLSStream(host, port, ctx)
@@ -243,12 +226,12 @@ def check_case_tls(host: str, port: int, ctx: ssl.SSLContext, case: Case) -> Non
                     time.sleep(0.001)
             else:
                 stream.sendall(step.send)
-            got = _recv_exactly(stream, len(step.expect))
+            got = recv_exactly(stream, len(step.expect))
             assert got == step.expect, f"{case.id}: expected {step.expect!r}, got {got!r}"
         if case.half_close:
             stream.shutdown()
         if case.expect_eof:
-            rest = _recv_until_eof(stream)
+            rest = recv_until_eof(stream)
             want = _EOF_EXPECT.get(case.id, b"")
             assert rest == want, f"{case.id}: expected {want!r} then EOF, got {rest!r}"
     finally:
