@@ -22,16 +22,43 @@ from typing import Final
 DEFAULT_MAX_QUESTION: Final = 1024
 
 _WHITESPACE: Final = frozenset(b" \t\r\n")
+#: The same bytes, as ``bytes.lstrip`` takes them; none is above ``_SPACE``,
+#: a cheaper test than the set (and lstrip leaves any other byte alone).
+_WHITESPACE_BYTES: Final = b" \t\r\n"
+_SPACE: Final = ord(" ")
 _MARK: Final = ord("?")
 _NOT_WHITESPACE: Final = re.compile(rb"[^ \t\r\n]")
 #: One question with the whitespace before it: the pipelined fast path.
 _QUESTION: Final = re.compile(rb"[ \t\r\n]*+([^?]*+\?)")
-#: A chunk that is exactly one question, nothing before or after it: what
-#: most reads bring.  ``LONE_QUESTION.fullmatch(chunk)`` and
-#: ``len(chunk) <= max_size`` on a reader that holds nothing means
-#: ``feed(chunk)`` would give ``[chunk]`` and keep nothing, so an I/O layer
-#: may answer it without a reader (one C call instead of the reader's frames).
-LONE_QUESTION: Final = re.compile(rb"(?:[^ \t\r\n?][^?]*+)?\?")
+
+
+def whole_questions(data: bytes, max_size: int, limit: int) -> list[bytes] | None:
+    """The questions of ``data`` when it is only whole questions, for a reader that holds nothing.
+
+    Returns exactly what an empty reader's ``receive_data(data)`` then
+    ``next_questions(limit)`` would return when that leaves the reader
+    holding nothing (the usual read: one question, or a pipelined batch
+    ending with a ``?``); otherwise None, and the caller feeds a reader.  One
+    ``find`` or ``split`` instead of the reader's regular expression and
+    bookkeeping: the hot path of an I/O layer with no reader to feed.
+    """
+    mark = data.find(b"?")
+    if mark < 0 or limit < 1:
+        return None
+    if mark == len(data) - 1:  # one question: the usual read
+        if data[0] <= _SPACE:
+            data = data.lstrip(_WHITESPACE_BYTES)
+        return [data] if len(data) <= max_size else None
+    if data[-1] != _MARK:
+        return None  # an unfinished question at the end: the reader keeps it
+    stems = data.split(b"?")
+    stems.pop()  # the empty piece after the last "?"
+    if len(stems) > limit:
+        return None  # more than one batch: the reader hands them out
+    questions = [(stem.lstrip(_WHITESPACE_BYTES) if stem and stem[0] <= _SPACE else stem) + b"?" for stem in stems]
+    if len(data) > max_size and max(map(len, questions)) > max_size:
+        return None  # one is too long: the reader answers those before it, then TOO_LONG
+    return questions
 
 
 class QuestionReader:
@@ -75,8 +102,9 @@ class QuestionReader:
     def feed(self, data: bytes, limit: int = 1 << 30) -> list[bytes]:
         """:meth:`receive_data` then :meth:`next_questions`, in one call (the hot path)."""
         if data and not self._buf and not self.too_long and not self.eof:
-            if LONE_QUESTION.fullmatch(data) and len(data) <= self.max_size and limit > 0:
-                return [data]  # exactly one question, nothing held: nothing to keep
+            questions = whole_questions(data, self.max_size, limit)
+            if questions is not None:
+                return questions  # only whole questions, nothing held: nothing to keep
             self._buf = data
         else:
             self.receive_data(data)

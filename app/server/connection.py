@@ -36,7 +36,7 @@ from mypy_extensions import mypyc_attr
 
 from app.core import proxy, zen
 from app.core.policy import CloseReason, Limits, Next, after, overdue, progress
-from app.core.protocol import LONE_QUESTION, QuestionReader, printable
+from app.core.protocol import QuestionReader, printable, whole_questions
 from app.server.stats import Stats  # at run time: a compiled dataclass resolves its field types
 
 if TYPE_CHECKING:
@@ -170,20 +170,17 @@ class Connection(asyncio.Protocol):
         self.last_rx = time.monotonic()
         if self.closing:
             return  # lingering: discard
-        if (
-            self.reader is None
-            and LONE_QUESTION.fullmatch(data)
-            and len(data) <= self.ctx.max_question
-            and not self.paused
-        ):
-            # The usual read: one whole question, and nothing held (see
-            # protocol.LONE_QUESTION): answered without a reader.
-            out = self.ctx.answers([data])
-            self.transport.write(out)
-            self.bytes_out += len(out)
-            self.answered += 1
-            self._progressed(1, partial=False)
-            return
+        if self.reader is None and not self.paused:
+            # The usual read: whole questions (one, or a pipelined batch), and
+            # nothing held (see protocol.whole_questions): answered without a reader.
+            questions = whole_questions(data, self.ctx.max_question, ANSWER_BATCH)
+            if questions is not None:
+                out = self.ctx.answers(questions)
+                self.transport.write(out)
+                self.bytes_out += len(out)
+                self.answered += len(questions)
+                self._progressed(len(questions), partial=False)
+                return
         self._answer(data)
 
     def _answer(self, data: bytes = b"") -> None:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.core import zen
-from app.core.protocol import LONE_QUESTION, AnswerReader, QuestionReader, printable
+from app.core.protocol import AnswerReader, QuestionReader, printable, whole_questions
 
 Q1, Q2, Q3 = b"Beautiful is better than?", b"Explicit is better than?", b"Simple is better than?"
 
@@ -100,7 +100,7 @@ def test_any_chunking_gives_the_same_questions(stream: bytes, cuts: list[int]) -
 )
 @settings(max_examples=300, deadline=None)
 def test_feed_is_receive_data_then_next_questions(parts: list[bytes], cuts: list[int], limit: int) -> None:
-    """The hot path's one call (and its shortcut for exactly one question) changes nothing."""
+    """The hot path's one call (and its shortcut for reads of whole questions) changes nothing."""
     stream = b"".join(parts)
     points = sorted({min(c, len(stream)) for c in cuts})
     chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True) if b > a]
@@ -118,26 +118,48 @@ def test_feed_is_receive_data_then_next_questions(parts: list[bytes], cuts: list
         )  # fmt: skip
 
 
+_PIECES = [b"?", b" ", b"\t", b"\r", b"\n", b"a", b"Q", b"\x00", b"\x0b", b"x" * 30, Q1, Q2]
+
+
 @given(
-    st.one_of(
-        st.binary(max_size=80),
-        st.lists(st.sampled_from([b"?", b" ", b"\t", b"\n", b"a", b"Q", b"\x00", Q1]), max_size=8).map(b"".join),
-    ),
-    st.integers(1, 40),
+    st.one_of(st.binary(max_size=120), st.lists(st.sampled_from(_PIECES), max_size=24).map(b"".join)),
+    st.integers(1, 64),
+    st.integers(1, 6),
 )
-@settings(max_examples=500, deadline=None)
-def test_lone_question_is_what_feed_hands_back_whole(chunk: bytes, max_size: int) -> None:
-    """LONE_QUESTION plus the size check is exactly feed() answering the chunk whole and keeping nothing."""
-    reader = QuestionReader(max_size)
-    whole = reader.feed(chunk) == [chunk] and not reader.buffered and not reader.too_long
-    assert whole == (LONE_QUESTION.fullmatch(chunk) is not None and len(chunk) <= max_size)
+@settings(max_examples=1000, deadline=None)
+def test_whole_questions_is_what_the_general_path_hands_back(chunk: bytes, max_size: int, limit: int) -> None:
+    """whole_questions() answers a read only when a reader's general path would give the same and keep nothing."""
+    reference = QuestionReader(max_size)
+    reference.receive_data(chunk)  # the general path: receive_data, then next_questions (no shortcut)
+    expected = reference.next_questions(limit)
+    got = whole_questions(chunk, max_size, limit)
+    if got is not None:
+        assert got == expected
+        assert not reference.buffered
+        assert not reference.too_long
 
 
-def test_lone_question_examples() -> None:
-    for lone in (Q1, b"?", b"x?", b"a b?", b"\x00?"):
-        assert LONE_QUESTION.fullmatch(lone), lone
-    for other in (b"", b" x?", b"\nx?", b"x", b"x?y", b"x??", Q1 + Q2, b"?" * 2):
-        assert not LONE_QUESTION.fullmatch(other), other
+def test_whole_questions_takes_the_usual_reads() -> None:
+    """The reads an honest client sends (one question, a pipelined batch, whitespace between) skip the reader."""
+    assert whole_questions(Q1, 1024, 256) == [Q1]
+    assert whole_questions(Q1 + Q2 + b"zz?" + Q3, 1024, 256) == [Q1, Q2, b"zz?", Q3]
+    assert whole_questions(b" \r\n" + Q1 + b"\r\n" + Q2 + b"\t??", 1024, 256) == [Q1, Q2, b"?", b"?"]
+    assert whole_questions(Q1 * 40 + Q2, 1024, 256) == [Q1] * 40 + [Q2]  # longer than max_size, each fits
+    assert whole_questions(b"\x0b" + Q1, 1024, 256) == [b"\x0b" + Q1]  # not the protocol's whitespace
+
+
+def test_whole_questions_leaves_the_rest_to_the_reader() -> None:
+    for data, max_size, limit in (
+        (b"", 1024, 256),
+        (Q1[:-1], 1024, 256),  # unfinished
+        (Q1 + b"\r\n", 1024, 256),  # whitespace held after the question
+        (Q1 + Q2[:5], 1024, 256),
+        (Q1 + Q2, 1024, 1),  # more than one batch
+        (Q1, 10, 256),  # too long
+        (Q2 + Q1, 24, 256),  # the second is too long
+        (Q1, 1024, 0),
+    ):
+        assert whole_questions(data, max_size, limit) is None, data
 
 
 @given(st.lists(st.sampled_from([Q1, Q2, Q3, b"\r\n", b" ", b"zz?", b"\x00?"]), max_size=30), st.integers(1, 9))
