@@ -28,7 +28,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from app.config import Settings
 from app.core import zen
@@ -127,9 +127,9 @@ class Worker:
             self.connection_class, _ = tls.connection_class(settings, bool(self.context.proxy_versions))
         self.limits = limits_of(settings)
         self.conns = Connections()
-        self.acceptor = Acceptor(
-            sock, settings, conns=self.conns, factory=self.new_connection, stats=self.stats, log=log
-        )
+        # A Connection is an asyncio protocol by its methods, not by subclassing (its "Memory" says why).
+        factory = cast("Callable[[], asyncio.Protocol]", self.new_connection)
+        self.acceptor = Acceptor(sock, settings, conns=self.conns, factory=factory, stats=self.stats, log=log)
         self.draining = False
         self._stop: asyncio.Event | None = None
         self._quit = False
