@@ -58,8 +58,10 @@ class Connections:
     fourfold) takes 26 to 52 at 10,000 connections.  A removed connection
     is marked (:meth:`Connection.detach` lets go of its transport) and stays
     in the list until the marked ones are half of it, so removal is O(1)
-    amortized.  Iterating gives a snapshot of the open ones, safe to close
-    them in.
+    amortized.  Iterating gives the ones open when it reaches them, safe to
+    close them in, without copying the list: the list is only appended to
+    (a connection added meanwhile comes last) or replaced whole (a
+    compaction leaves the list being iterated as it was).
     """
 
     __slots__ = ("_items", "count")
@@ -80,7 +82,9 @@ class Connections:
             self._items = [c for c in self._items if c.transport is not None]
 
     def __iter__(self) -> Iterator[Connection]:
-        return iter([c for c in self._items if c.transport is not None])
+        for conn in self._items:
+            if conn.transport is not None:
+                yield conn
 
 
 def limits_of(settings: Settings) -> Limits:
