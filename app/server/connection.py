@@ -17,7 +17,8 @@ this module.  It writes no attribute of its worker: it counts into
 ``stats.Stats`` (the counters named there as its own) and calls the host.
 
 Memory: an idle connection is mostly uvloop's transport (about 1.2 KiB);
-ours is one object of plain slots.  The peer is not kept: the close line
+ours is one object of plain slots (see :class:`Connection` for what makes
+it smaller compiled).  The peer is not kept: the close line
 asks the transport, which holds it anyway; and a connection holds a
 ``QuestionReader`` only while the reader holds something (part of a
 question, questions not answered yet, end of stream): otherwise it borrows
@@ -26,7 +27,6 @@ its worker's spare reader for the duration of one ``data_received``.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,8 +124,18 @@ class ConnectionContext:
 # Compiled by mypyc, these classes still take interpreted subclasses: app.server.tls's
 # TLS stages are plain Python (they drive uvloop's SSLProtocol, which mypyc cannot type).
 @mypyc_attr(allow_interpreted_subclasses=True)
-class Connection(asyncio.Protocol):
-    """The I/O shell of one client connection."""
+class Connection:
+    """The I/O shell of one client connection: an asyncio protocol by its methods, not its base.
+
+    uvloop's and asyncio's transports call its methods; it does not subclass
+    ``asyncio.Protocol`` (the callers cast the factory that makes it).
+
+    Memory, compiled: mypyc gives a class with a Python base (``asyncio.Protocol``)
+    a ``__dict__`` and a ``__weakref__``, two words per connection; and it lays out
+    the fields in the order ``__init__`` first assigns them, so ``paused`` (a byte)
+    comes first, beside mypyc's bitmap of defined fields.  With one clock for both
+    the idle and the closing deadlines (:attr:`active`), the object fits 128 bytes.
+    """
 
     __slots__ = (
         "active",
@@ -134,7 +144,6 @@ class Connection(asyncio.Protocol):
         "bytes_out",
         "closing",
         "ctx",
-        "last_rx",
         "opened",
         "paused",
         "reader",
@@ -143,17 +152,20 @@ class Connection(asyncio.Protocol):
     )
 
     def __init__(self, ctx: ConnectionContext) -> None:
+        self.paused = False  # first: see the class's "Memory"
         self.ctx = ctx
         self.transport: Any = None
         self.reader: QuestionReader | None = None  # see the module's "Memory"
         self.answered = self.bytes_in = self.bytes_out = 0
-        self.opened = self.last_rx = time.monotonic()
-        # The idle clock: last progress (bytes of a question, or answers).
-        # Whitespace alone does not restart it: it is skipped before a
-        # question, so a client trickling newlines would hold a connection for ever.
+        self.opened = time.monotonic()
+        # One clock for two deadlines.  While open, the idle clock: the last
+        # progress (bytes of a question, answers, the client reading its
+        # answers again).  Whitespace alone does not move it: it is skipped
+        # before a question, so a client trickling newlines would hold a
+        # connection for ever.  Once closing (or lingering), the last byte
+        # received at all, or the start of the close.
         self.active = self.opened
         self.started_at: float | None = None  # when the unfinished question began
-        self.paused = False
         self.closing: CloseReason | None = None  # None while open, then why it closes
 
     def connection_made(self, transport: Any) -> None:
@@ -167,9 +179,9 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.last_rx = time.monotonic()
         if self.closing:
-            return  # lingering: discard
+            self.active = time.monotonic()  # lingering: discard (the clock of a quiet client)
+            return
         if self.reader is None and not self.paused:
             # The usual read: whole questions (one, or a pipelined batch), and
             # nothing held (see protocol.whole_questions): answered without a reader.
@@ -217,8 +229,8 @@ class Connection(asyncio.Protocol):
 
     def _progressed(self, answered: int, *, partial: bool) -> None:
         """Progress in the last read (answers, or bytes of a question): the idle and request clocks move."""
-        self.active = self.last_rx
-        self.started_at = progress(self.last_rx, answered, partial, self.started_at)
+        now = self.active = time.monotonic()
+        self.started_at = progress(now, answered, partial, self.started_at)
 
     def _finish(self, reader: QuestionReader) -> None:
         """After the last answer: "too long" and a lingering close, or the end of stream."""
@@ -248,9 +260,9 @@ class Connection(asyncio.Protocol):
         # The client reads again: progress.  While paused, the unread input
         # waited on us, not on the client, so the request clock restarts too.
         self.paused = False
-        self.last_rx = time.monotonic()
+        now = self.active = time.monotonic()
         if self.started_at is not None and not self.closing:  # (closing: the lingering clock)
-            self.started_at = self.last_rx
+            self.started_at = now
         self._answer()
         if not self.paused and not self.closing:
             self.transport.resume_reading()
@@ -259,13 +271,13 @@ class Connection(asyncio.Protocol):
         """Close after the queued answers are sent."""
         if not self.closing:
             self.closing = reason
-            self.last_rx = time.monotonic()
+            self.active = time.monotonic()  # now the clock of a close that stalls
             self.transport.close()
 
     def _linger(self) -> None:
         """Send what is queued and a FIN, then discard input until the client is done (policy.LINGER_QUIET)."""
         self.closing = CloseReason.TOO_LONG
-        self.started_at = self.last_rx = time.monotonic()  # now the lingering clock
+        self.started_at = self.active = time.monotonic()  # now the lingering clocks
         self.transport.write_eof()
 
     def expire(self, reason: CloseReason) -> None:
@@ -289,14 +301,18 @@ class Connection(asyncio.Protocol):
     # -- deadlines (asked by the worker's sweep) ----------------------------------
 
     def overdue(self, now: float, limits: Limits) -> CloseReason | None:
-        """The reason to close this connection at ``now`` (``policy.overdue`` on its clocks), or None."""
+        """The reason to close this connection at ``now`` (``policy.overdue`` on its clocks), or None.
+
+        One clock serves as both ``active`` and ``last_rx``: the policy reads
+        ``active`` only while open and ``last_rx`` only once closing.
+        """
         closing = self.closing
         return overdue(
             limits,
             now,
             started_at=self.started_at,
             active=self.active,
-            last_rx=self.last_rx,
+            last_rx=self.active,
             lingering=closing is CloseReason.TOO_LONG,
             closing=closing is not None,
             paused=self.paused,
@@ -310,8 +326,8 @@ class Connection(asyncio.Protocol):
             self.expire(reason)
 
     def close_if_quiet(self, now: float, quiet: float) -> None:
-        """In a graceful stop: close if between questions, every answer sent and nothing received for ``quiet``."""
-        if not self.closing and self.idle() and now - self.last_rx >= quiet:
+        """In a graceful stop: close if between questions, every answer sent and no progress for ``quiet``."""
+        if not self.closing and self.idle() and now - self.active >= quiet:
             self.close(CloseReason.SHUTDOWN)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -387,7 +403,7 @@ class ProxiedConnection(Connection):
 
     def _header_data(self, data: bytes) -> None:
         buf = self.header + data if self.header else data
-        self.last_rx = time.monotonic()
+        self.active = time.monotonic()
         try:
             header = proxy.parse_header(buf, self.ctx.proxy_versions)
         except proxy.ProxyHeaderError as exc:

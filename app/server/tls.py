@@ -216,7 +216,7 @@ class _TLSStage(Connection):
         self.transport = transport
         high, low = self.ctx.write_limits
         transport.set_write_buffer_limits(high, low)
-        self.active = self.last_rx = time.monotonic()
+        self.active = time.monotonic()
         self.started_at = None
 
     def _handshake_over(self, waiter: asyncio.Future[Any]) -> None:
@@ -258,7 +258,7 @@ class _TLSStage(Connection):
         # supported): keep discarding input, then close with close_notify
         # once the client is quiet (time_out below), so the answer survives.
         self.closing = _TOO_LONG
-        self.started_at = self.last_rx = time.monotonic()
+        self.started_at = self.active = time.monotonic()
 
     def _tls_time_out(self, reason: CloseReason) -> None:
         if self.closing is _TOO_LONG and self.tls is not None:

@@ -28,7 +28,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from app.config import Settings
 from app.core import zen
@@ -58,8 +58,10 @@ class Connections:
     fourfold) takes 26 to 52 at 10,000 connections.  A removed connection
     is marked (:meth:`Connection.detach` lets go of its transport) and stays
     in the list until the marked ones are half of it, so removal is O(1)
-    amortized.  Iterating gives a snapshot of the open ones, safe to close
-    them in.
+    amortized.  Iterating gives the ones open when it reaches them, safe to
+    close them in, without copying the list: the list is only appended to
+    (a connection added meanwhile comes last) or replaced whole (a
+    compaction leaves the list being iterated as it was).
     """
 
     __slots__ = ("_items", "count")
@@ -80,7 +82,9 @@ class Connections:
             self._items = [c for c in self._items if c.transport is not None]
 
     def __iter__(self) -> Iterator[Connection]:
-        return iter([c for c in self._items if c.transport is not None])
+        for conn in self._items:
+            if conn.transport is not None:
+                yield conn
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -127,9 +131,9 @@ class Worker:
             self.connection_class, _ = tls.connection_class(settings, bool(self.context.proxy_versions))
         self.limits = limits_of(settings)
         self.conns = Connections()
-        self.acceptor = Acceptor(
-            sock, settings, conns=self.conns, factory=self.new_connection, stats=self.stats, log=log
-        )
+        # A Connection is an asyncio protocol by its methods, not by subclassing (its "Memory" says why).
+        factory = cast("Callable[[], asyncio.Protocol]", self.new_connection)
+        self.acceptor = Acceptor(sock, settings, conns=self.conns, factory=factory, stats=self.stats, log=log)
         self.draining = False
         self._stop: asyncio.Event | None = None
         self._quit = False
