@@ -38,7 +38,7 @@ mode) and stops it after them.  The close-line logger's clock is made to
 step per line (``LOG_CLOCK_STEP``) so that the wall clock under callgrind
 does not change the count: a repeated run gives the same figures within
 0.1 %.  Unrelated changes (to this script, or to code off the measured
-path) still move them by about 1 %, up to 3 % for the pure build's churn:
+path) still move them by about 1 %, up to 3.5 % in the pure build:
 the interpreter's caches and allocator start from another state.  Smaller
 differences between two builds mean nothing.
 
