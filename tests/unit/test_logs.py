@@ -69,14 +69,24 @@ def test_json_escapes_client_text_and_needs_no_bound_fields(pipe: tuple[int, int
 
 def test_timestamps_follow_the_clock(pipe: tuple[int, int]) -> None:
     r, w = pipe
-    times = iter((1_700_000_000.0004, 1_700_000_000.0009, 1_700_000_000.9991, 1_700_000_061.5))
+    seconds = (
+        1_700_000_000.0004,
+        1_700_000_000.0009,
+        1_700_000_000.0015,
+        1_700_000_000.0995,
+        1_700_000_000.9991,
+        1_700_000_061.5,
+    )
+    times = iter(seconds)
     logger = logs.HotLogger(Settings(log_format="json"), fd=w, clock=lambda: next(times))
-    for _ in range(4):
+    for _ in seconds:
         logger.info("tick")
     stamps = [json.loads(line)["timestamp"] for line in lines(r)]
     assert stamps == [
         "2023-11-14T22:13:20.000Z",
         "2023-11-14T22:13:20.000Z",
+        "2023-11-14T22:13:20.001Z",
+        "2023-11-14T22:13:20.099Z",
         "2023-11-14T22:13:20.999Z",
         "2023-11-14T22:14:21.500Z",
     ]
