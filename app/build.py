@@ -15,7 +15,8 @@ import importlib.machinery
 import importlib.util
 from typing import Final
 
-#: The modules every request goes through, compiled together (docs/performance.md measures the choice).
+#: The modules every request or connection goes through (the data path, then the accept path and
+#: the close line's logging), compiled together (docs/performance.md measures the choice).
 HOT_MODULES: Final = (
     "app.core.protocol",
     "app.core.zen",
@@ -23,6 +24,9 @@ HOT_MODULES: Final = (
     "app.server.stats",
     "app.server.connection",
     "app.server.worker",
+    "app.server.accept",
+    "app.logs",
+    "app.logsink",
 )
 
 COMPILED: Final = "compiled"

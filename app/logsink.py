@@ -35,7 +35,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 #: A pipe takes a write of at most this many bytes whole, or not at all.
 PIPE_BUF: Final = select.PIPE_BUF
@@ -194,8 +194,18 @@ class LogSink:
     def _unwatch(self) -> None:
         if self._watched is not None:
             with contextlib.suppress(RuntimeError, ValueError, OSError):
-                self._watched.remove_writer(self.fd)
+                _remove_writer(self._watched, self.fd)
             self._watched = None
 
     def _on_writable(self) -> None:
         self.flush()
+
+
+def _remove_writer(loop: Any, fd: int) -> None:
+    """``loop.remove_writer(fd)``, its result unused and unchecked.
+
+    The loop is typed Any on purpose: typeshed says ``remove_writer`` returns
+    bool, uvloop returns None, and code compiled by mypyc checks a declared
+    bool (a TypeError at run time).
+    """
+    loop.remove_writer(fd)

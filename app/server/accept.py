@@ -206,7 +206,7 @@ class Acceptor:
             self.native = None
             self.leave_at = _NEVER
         else:
-            self._loop.remove_reader(self.sock.fileno())
+            _remove_reader(self._loop, self.sock.fileno())
         self.accepting = False
 
     def _fits(self, queues: int) -> bool:
@@ -288,6 +288,16 @@ class Acceptor:
             )
         assert self._loop is not None
         self._loop.call_later(backoff.delay, self._start)
+
+
+def _remove_reader(loop: Any, fd: int) -> None:
+    """``loop.remove_reader(fd)``, its result unused and unchecked.
+
+    The loop is typed Any on purpose: typeshed says ``remove_reader`` returns
+    bool, uvloop returns None, and code compiled by mypyc checks a declared
+    bool (a TypeError at run time).
+    """
+    loop.remove_reader(fd)
 
 
 def libuv_version() -> int:

@@ -9,6 +9,7 @@ package would make that second pass test pure Python without saying so.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -51,3 +52,23 @@ def test_a_server_started_from_the_repository_runs_the_same_build() -> None:
     expected = expected_status()
     if expected is not None:
         assert f"({expected}, " in out
+
+
+def test_the_per_connection_path_runs_compiled_in_the_compiled_build() -> None:
+    # Every connection goes through the accept path, the worker's close and the
+    # close line's logging; in the compiled build their functions are native
+    # (a method of a compiled class is no Python function).
+    from app import logs, logsink  # noqa: PLC0415 - imported by the test that needs them
+    from app.server import accept, worker  # noqa: PLC0415
+
+    assert {"app.server.accept", "app.logs", "app.logsink", "app.server.worker"} <= set(build.HOT_MODULES)
+    per_connection = [
+        accept.Acceptor._native_connection,  # libuv's protocol factory
+        worker.Worker.connection_lost,
+        logs.HotLogger.info_fields,
+        logs.HotLogger.flush,
+        logsink.LogSink.write,
+    ]
+    compiled = build.status() == build.COMPILED
+    for function in per_connection:
+        assert inspect.isfunction(function) != compiled, f"{function.__qualname__}: {type(function)}"

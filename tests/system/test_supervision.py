@@ -308,6 +308,10 @@ def stop(proc: subprocess.Popen[bytes], reader: threading.Thread) -> None:
     reader.join(10)
 
 
+#: What a worker logs when it stops (worker.Worker._drain), after the connections' lines.
+WORKER_STOP_EVENTS = ("worker_draining", "worker_stopped")
+
+
 def test_an_unread_stdout_stops_nothing_and_every_line_arrives_or_is_counted() -> None:
     port, count = free_port(), 2000
     proc = start_unread({"PORT": str(port), "LOG_BUFFER_BYTES": "4096"})
@@ -332,8 +336,13 @@ def test_an_unread_stdout_stops_nothing_and_every_line_arrives_or_is_counted() -
         f"\nunread stdout: {count + 1} connections answered in {served:.1f} s; "
         f"{closed} connection lines arrived, {dropped} dropped and reported in {len(drops)} logs_dropped lines"
     )
+    # The reader starts just before the stop: a worker's buffer may still be full when it logs
+    # its stop, so those lines can be among the dropped ones (counted in the same reports).
+    workers = {e["pid"] for e in events if e["event"] == "worker_ready"}
+    seen = {(e.get("pid"), e["event"]) for e in events}
+    stop_lines_dropped = sum((pid, name) not in seen for pid in workers for name in WORKER_STOP_EVENTS)
     assert dropped > 0
-    assert closed + dropped == count + 1  # wait_serving's connection too
+    assert closed + dropped == count + 1 + stop_lines_dropped  # wait_serving's connection too
     assert {e["pid"] for e in drops} <= {e["pid"] for e in events if e["event"] == "worker_ready"}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -66,16 +67,26 @@ def test_json_escapes_client_text_and_needs_no_bound_fields(pipe: tuple[int, int
     assert list(bound_only) == ["worker", "event", "level", "timestamp"]
 
 
-def test_timestamps_follow_the_clock(pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_timestamps_follow_the_clock(pipe: tuple[int, int]) -> None:
     r, w = pipe
-    logger = logs.HotLogger(Settings(log_format="json"), fd=w)
-    for now in (1_700_000_000.0004, 1_700_000_000.0009, 1_700_000_000.9991, 1_700_000_061.5):
-        monkeypatch.setattr(logs, "_time", lambda now=now: now)
+    seconds = (
+        1_700_000_000.0004,
+        1_700_000_000.0009,
+        1_700_000_000.0015,
+        1_700_000_000.0995,
+        1_700_000_000.9991,
+        1_700_000_061.5,
+    )
+    times = iter(seconds)
+    logger = logs.HotLogger(Settings(log_format="json"), fd=w, clock=lambda: next(times))
+    for _ in seconds:
         logger.info("tick")
     stamps = [json.loads(line)["timestamp"] for line in lines(r)]
     assert stamps == [
         "2023-11-14T22:13:20.000Z",
         "2023-11-14T22:13:20.000Z",
+        "2023-11-14T22:13:20.001Z",
+        "2023-11-14T22:13:20.099Z",
         "2023-11-14T22:13:20.999Z",
         "2023-11-14T22:14:21.500Z",
     ]
@@ -164,6 +175,22 @@ def test_another_line_of_the_process_flushes_the_batch_first(pipe: tuple[int, in
 
     async def scenario() -> None:
         hot.info("connection_closed", answered=1)
+        logs.get_logger().warning("accept_paused")
+
+    asyncio.run(scenario())
+    assert [json.loads(line)["event"] for line in lines(r)] == ["connection_closed", "accept_paused"]
+
+
+def test_a_logger_dropped_with_lines_waiting_still_has_them_written_first(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    settings = Settings(log_format="json", log_flush_interval=5.0)
+    logs.configure(settings, fd=w)
+
+    async def scenario() -> None:
+        hot = logs.HotLogger(settings, fd=w)
+        hot.info("connection_closed", answered=1)
+        del hot  # the process holds a logger while it has lines to write
+        gc.collect()
         logs.get_logger().warning("accept_paused")
 
     asyncio.run(scenario())
