@@ -57,8 +57,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(INNER_TIMEOUT + 600)]
 
 # The system packages the inner suites use beside Python (as .ci/apt-packages.txt on the host):
 # openssl makes the TLS tests' certificates, gcc and make build bench/'s C programs, haproxy
-# runs the TLS offload and passthrough configurations.
-SYSTEM_PACKAGES = "openssl gcc make libc6-dev haproxy"
+# runs the TLS offload and passthrough configurations, valgrind runs bench/instructions.py.
+SYSTEM_PACKAGES = "openssl gcc make libc6-dev haproxy valgrind"
 # Install those from the rootfs's own apt mirror, copy the worktree without what belongs to the
 # host's Python (its venv, caches, bytecode, built docs and C programs), make a venv of the
 # image's python3, install the project with its test tools, run pytest.
@@ -67,7 +67,8 @@ set -eu
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends PACKAGES >/dev/null
 mkdir /src
-tar -C /mnt/src --exclude=./.venv --exclude=./.git --exclude='*.egg-info' --exclude=__pycache__ \
+tar -C /mnt/src --exclude=./.venv --exclude=./.venv-compiled --exclude=./build --exclude=./.git \
+    --exclude='*.egg-info' --exclude=__pycache__ \
     --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache --exclude=.hypothesis \
     --exclude=./site --exclude=./bench/build -cf - . \
   | tar -C /src -xf -
