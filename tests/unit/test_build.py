@@ -22,8 +22,8 @@ from tests.server import REPO
 pytestmark = pytest.mark.slow
 
 
-def build_wheel(tmp_path: Path, **env: str) -> tuple[list[str], str]:
-    """(the wheel's file names, the build's stderr) of ``pip wheel`` on a copy of the sources."""
+def build_wheel(tmp_path: Path, python: str = sys.executable, **env: str) -> tuple[list[str], str]:
+    """(the wheel's file names, the build's stderr) of ``python -m pip wheel`` on a copy of the sources."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md"):
@@ -31,7 +31,7 @@ def build_wheel(tmp_path: Path, **env: str) -> tuple[list[str], str]:
     shutil.copytree(REPO / "app", src / "app", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     out = tmp_path / "wheels"
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--verbose", "--wheel-dir", str(out), str(src)],
+        [python, "-m", "pip", "wheel", "--no-deps", "--verbose", "--wheel-dir", str(out), str(src)],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -63,3 +63,16 @@ def test_zen_pure_python_forces_a_pure_wheel(tmp_path: Path) -> None:
     names, log = build_wheel(tmp_path, ZEN_PURE_PYTHON="1")
     assert_pure(names)
     assert "ZEN_PURE_PYTHON is set: pure Python" in log
+
+
+def test_a_venv_with_nothing_installed_builds_the_compiled_wheel(tmp_path: Path) -> None:
+    # As on a new machine (make run's first install, the image's builder stage): mypy in the build
+    # environment sees none of the runtime packages, so their types are Any there; the compile
+    # must still succeed rather than fall back to pure Python (it once did, on warn_return_any).
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    names, log = build_wheel(tmp_path, python=str(venv / "bin" / "python"), ZEN_PURE_PYTHON="")
+    assert "compiled with mypyc" in log, log[-3000:]
+    for module in build.HOT_MODULES:
+        stem = module.replace(".", "/")
+        assert [n for n in names if n.startswith(f"{stem}.") and n.endswith(".so")], module
