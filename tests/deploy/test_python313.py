@@ -56,9 +56,10 @@ INNER_TIMEOUT = 1500  # the inner suites take about 2 minutes, pip well under on
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(INNER_TIMEOUT + 600)]
 
 # The system packages the inner suites use beside Python (as .ci/apt-packages.txt on the host):
-# openssl makes the TLS tests' certificates, gcc and make build bench/'s C programs, haproxy
+# openssl makes the TLS tests' certificates, gcc and make build bench/'s C programs, python3-dev
+# (Python.h) with gcc lets tests/unit/test_build.py compile the hot modules with mypyc, haproxy
 # runs the TLS offload and passthrough configurations, valgrind runs bench/instructions.py.
-SYSTEM_PACKAGES = "openssl gcc make libc6-dev haproxy valgrind"
+SYSTEM_PACKAGES = "openssl gcc make libc6-dev python3-dev haproxy valgrind"
 # Install those from the rootfs's own apt mirror, copy the worktree without what belongs to the
 # host's Python (its venv, caches, bytecode, built docs and C programs), make a venv of the
 # image's python3, install the project with its test tools, run pytest.
